@@ -1,0 +1,102 @@
+"""Building blocks shared by every model: parameters with logical axes, RMSNorm, SwiGLU, embeddings.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata (one name per dimension, e.g.
+`("embed", "mlp")`); `moe_jax.parallel` maps these names to mesh axes. Parameters live in
+`param_dtype` (fp32); each layer casts them to the compute dtype at use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init: Initializer = nnx.initializers.lecun_normal()
+default_embed_init: Initializer = nnx.initializers.normal(stddev=0.02)
+
+
+def make_param(
+    rngs: nnx.Rngs,
+    shape: Sequence[int],
+    logical_axes: Sequence[str | None],
+    *,
+    init: Initializer = default_kernel_init,
+    dtype: jnp.dtype = jnp.float32,
+) -> nnx.Param:
+    """A parameter of `shape` initialised by `init`, annotated with one logical name per axis."""
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {tuple(shape)} and logical_axes {tuple(logical_axes)} differ in rank")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(logical_axes))
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): `x / sqrt(mean(x^2) + eps) * scale`.
+
+    Computed in fp32 whatever the input dtype, then cast back.
+    """
+
+    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, axis_name: str = "norm",
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.eps = eps
+        self.scale = make_param(rngs, (dim,), (axis_name,), init=nnx.initializers.ones,
+                                dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x_f32 = x.astype(jnp.float32)
+        inv_rms = jax.lax.rsqrt(jnp.mean(x_f32 * x_f32, axis=-1, keepdims=True) + self.eps)
+        return (x_f32 * inv_rms * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """`x @ kernel (+ bias)` over the last axis, kernel shaped `[d_in, d_out]`."""
+
+    def __init__(self, d_in: int, d_out: int, *, logical_axes: tuple[str, str], rngs: nnx.Rngs,
+                 use_bias: bool = False, param_dtype: jnp.dtype = jnp.float32):
+        self.kernel = make_param(rngs, (d_in, d_out), logical_axes, dtype=param_dtype)
+        self.bias = (make_param(rngs, (d_out,), logical_axes[1:], init=nnx.initializers.zeros,
+                                dtype=param_dtype) if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel.value.astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(x.dtype)
+        return y
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """SwiGLU feed-forward (Shazeer 2020): `(silu(x W_gate) * (x W_up)) W_down`."""
+    dtype = x.dtype
+    hidden = jax.nn.silu(x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype))
+    return hidden @ w_down.astype(dtype)
+
+
+class MLP(nnx.Module):
+    """A SwiGLU MLP; also the shared experts of an MoE layer (width = n_shared * moe_d_ff)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.w_gate = make_param(rngs, (d_model, d_ff), ("embed", "mlp"), dtype=param_dtype)
+        self.w_up = make_param(rngs, (d_model, d_ff), ("embed", "mlp"), dtype=param_dtype)
+        self.w_down = make_param(rngs, (d_ff, d_model), ("mlp", "embed"), dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return swiglu(x, self.w_gate.value, self.w_up.value, self.w_down.value)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table `[vocab, d_model]`; `attend` reuses it as a tied LM head."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.table = make_param(rngs, (vocab_size, d_model), ("vocab", "embed"),
+                                init=default_embed_init, dtype=param_dtype)
+
+    def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return jnp.take(self.table.value, tokens, axis=0).astype(dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return x @ self.table.value.astype(x.dtype).T

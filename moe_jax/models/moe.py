@@ -1,0 +1,94 @@
+"""The DeepSeekMoE layer (Dai et al. 2024; DeepSeek-V3 §2.1.2, eq. 12):
+
+    h'_t = u_t + Σ_{i≤N_s} FFN^(s)_i(u_t) + Σ_{i≤N_r} g_{i,t} FFN^(r)_i(u_t)
+
+Fine-grained routed experts chosen by `router.route`, shared experts that see every token (fused
+into one SwiGLU of width `n_shared_experts * moe_d_ff`, which is the same function), and a
+dispatch backend from `dispatch.py`. The residual `u_t +` is added by the transformer block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.configs import ModelConfig
+from moe_jax.models import router
+from moe_jax.models.dispatch import dispatch_experts
+from moe_jax.models.layers import MLP, make_param
+
+
+class RouterBias(nnx.Variable):
+    """The per-expert selection bias of aux-loss-free balancing: state, not a parameter, so an
+    optimizer built with `wrt=nnx.Param` never touches it and no gradient flows into it."""
+
+
+def resolve_dispatch(backend: str, platform: str | None = None) -> str:
+    """`auto` picks the fastest dropless backend measured for the platform (BUILD_NOTES.md):
+    sorted fixed-size blocks on CPU, `ragged_dot` grouped matmuls on GPU/TPU."""
+    if backend != "auto":
+        return backend
+    return "blocked" if (platform or jax.default_backend()) == "cpu" else "ragged"
+
+
+class MoELayer(nnx.Module):
+    """Shared + routed experts. Returns `(y_BxTxD, stats)` with the layer's balance losses and
+    router statistics (see `__call__`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, e, f = cfg.d_model, cfg.n_routed_experts, cfg.moe_d_ff
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.w_router = make_param(rngs, (d, e), ("embed", "experts_router"), dtype=pdt)
+        self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), logical_axes=("experts_router",))
+        self.w_gate = make_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype=pdt)
+        self.w_up = make_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), dtype=pdt)
+        self.w_down = make_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), dtype=pdt)
+        self.shared = (MLP(d, cfg.n_shared_experts * f, rngs=rngs, param_dtype=pdt)
+                       if cfg.n_shared_experts else None)
+
+    def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, dict]:
+        """`mask_BxT` is False on padding. The stats dict holds `aux_loss` (the weighted sum of the
+        enabled balance losses), each loss unweighted, `load` (tokens per expert), `max_vio`,
+        `dropped_fraction` and `router_entropy`."""
+        cfg = self.cfg
+        b, t, d = x_BxTxD.shape
+        x_NxD, mask_N = x_BxTxD.reshape(b * t, d), mask_BxT.reshape(b * t)
+        # The gate runs in fp32: top-k choices are sensitive to rounding.
+        logits_NxE = x_NxD.astype(jnp.float32) @ self.w_router.value.astype(jnp.float32)
+        expert_idx_NxK, weights_NxK, scores_NxE = router.route(logits_NxE, self.router_bias.value, cfg)
+        y_NxD, dropped_fraction = dispatch_experts(
+            x_NxD, expert_idx_NxK, weights_NxK, self.w_gate.value, self.w_up.value,
+            self.w_down.value, backend=resolve_dispatch(cfg.moe_dispatch),
+            capacity_factor=cfg.capacity_factor, token_mask_N=mask_N)
+        if self.shared is not None:
+            y_NxD = y_NxD + self.shared(x_NxD)
+        stats = self._stats(logits_NxE, scores_NxE, expert_idx_NxK, mask_N, (b, t))
+        stats["dropped_fraction"] = dropped_fraction
+        return y_NxD.reshape(b, t, d), stats
+
+    def _stats(self, logits_NxE, scores_NxE, expert_idx_NxK, mask_N, batch_shape) -> dict:
+        cfg = self.cfg
+        losses = {
+            "switch_loss": (cfg.aux_loss_coef,
+                            lambda: router.switch_balance_loss(scores_NxE, expert_idx_NxK, mask_N)),
+            "seq_loss": (cfg.seq_aux_loss_coef,
+                         lambda: router.sequence_balance_loss(
+                             scores_NxE.reshape(*batch_shape, -1),
+                             expert_idx_NxK.reshape(*batch_shape, -1), mask_N.reshape(batch_shape))),
+            "z_loss": (cfg.router_z_loss_coef, lambda: router.router_z_loss(logits_NxE, mask_N)),
+        }
+        stats = {name: fn() for name, (coef, fn) in losses.items() if coef > 0}
+        stats["aux_loss"] = sum((losses[name][0] * value for name, value in stats.items()),
+                                jnp.zeros((), jnp.float32))
+        load_E = router.expert_counts(expert_idx_NxK, mask_N, cfg.n_routed_experts)
+        stats["load"] = load_E
+        stats["max_vio"] = router.max_violation(load_E)
+        stats["router_entropy"] = router.router_entropy(jax.lax.stop_gradient(scores_NxE), mask_N)
+        return stats
+
+    def update_bias(self, load_E: jax.Array) -> None:
+        """Apply the loss-free bias step for the loads of one training step (outside the gradient)."""
+        self.router_bias.value = router.loss_free_bias_update(
+            self.router_bias.value, load_E, self.cfg.router_bias_rate)

@@ -1,0 +1,159 @@
+"""The decoder: pre-norm blocks (dense MLP for the first `first_k_dense` layers, MoE after), final
+norm, LM head, and DeepSeek-V3's multi-token prediction modules (§2.2, eq. 21-25).
+
+`Transformer(cfg, rngs=nnx.Rngs(0))(tokens_BxT) -> (logits_BxTxV, aux)`, where aux holds
+- `moe_aux_loss`: the weighted balance losses summed over MoE layers (add it to the LM loss);
+- `router`: per-MoE-layer statistics stacked on a leading layer axis (main layers, then MTP);
+- `mtp_logits` `[D, B, T, V]` when `mtp_depth > 0`: depth k's logits at position i predict
+  token i + k + 1 (the main logits predict i + 1);
+- `cache`: the updated KV cache when one was passed in.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.configs import ModelConfig
+from moe_jax.models import kv_cache
+from moe_jax.models.attention import GQAttention
+from moe_jax.models.layers import MLP, Embedding, Linear, RMSNorm, make_param
+from moe_jax.models.mla import MLAttention
+from moe_jax.models.moe import MoELayer
+from moe_jax.models.rope import rope_tables
+
+
+class Block(nnx.Module):
+    """`x + Attn(norm(x))`, then `x + FFN(norm(x))` where FFN is a dense MLP or an MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+        self.attn = (MLAttention if cfg.attention == "mla" else GQAttention)(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+        self.ffn = MoELayer(cfg, rngs=rngs) if moe else MLP(cfg.d_model, cfg.d_ff, rngs=rngs,
+                                                            param_dtype=pdt)
+
+    def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache=None,
+                 cache_index=None) -> tuple[jax.Array, dict | None, dict | None]:
+        attn_out, layer_cache = self.attn(self.attn_norm(x_BxTxD), *rope, mask_Bx1xTxS,
+                                          layer_cache, cache_index)
+        x_BxTxD = x_BxTxD + attn_out
+        h = self.ffn_norm(x_BxTxD)
+        if isinstance(self.ffn, MoELayer):
+            ffn_out, moe_stats = self.ffn(h, token_mask_BxT)
+        else:
+            ffn_out, moe_stats = self.ffn(h), None
+        return x_BxTxD + ffn_out, layer_cache, moe_stats
+
+
+class MTPModule(nnx.Module):
+    """One MTP depth (V3 eq. 21-22): `h' = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]`, then a
+    block; the embedding and output head are the main model's, the final norm its own. The
+    concatenation order (embedding first) is the released checkpoints' (`enorm`, `hnorm`,
+    `eh_proj`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        d = cfg.d_model
+        self.embed_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+        self.hidden_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+        self.proj = Linear(2 * d, d, logical_axes=("mtp_concat", "embed"), rngs=rngs, param_dtype=pdt)
+        self.block = Block(cfg, moe=cfg.is_moe, rngs=rngs)
+        self.final_norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+
+
+class Transformer(nnx.Module):
+    """A DeepSeek-V3-class decoder built from a `ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs, param_dtype=pdt)
+        self.blocks = nnx.List([Block(cfg, moe=cfg.is_moe_layer(i), rngs=rngs)
+                                for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+        self.head = (None if cfg.tie_embeddings else
+                     make_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype=pdt))
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
+
+    def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+        """The (shared) output head, returning fp32 logits."""
+        if self.head is None:
+            return self.embed.attend(h_BxTxD).astype(jnp.float32)
+        return (h_BxTxD @ self.head.value.astype(h_BxTxD.dtype)).astype(jnp.float32)
+
+    def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
+                 segment_ids_BxT: jax.Array | None = None, cache: dict | None = None
+                 ) -> tuple[jax.Array, dict]:
+        """Segment id 0 marks padding; positions default to each segment's own count from 0
+        (continuing from the cache's slot index when decoding without explicit positions)."""
+        cfg = self.cfg
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones_like(tokens_BxT, jnp.int32)
+        if positions_BxT is None:
+            positions_BxT = kv_cache.segment_positions(segment_ids_BxT)
+            if cache is not None:
+                positions_BxT = positions_BxT + cache["index"]
+        rope = rope_tables(cfg, positions_BxT)
+        token_mask_BxT = segment_ids_BxT != 0
+        if cache is None:
+            cache_index, kv_segments_BxS = None, segment_ids_BxT
+        else:
+            cache_index = cache["index"]
+            kv_segments_BxS = kv_cache.write_slots(cache["segment_ids"], segment_ids_BxT, cache_index)
+        mask_Bx1xTxS = kv_cache.attention_mask(segment_ids_BxT, kv_segments_BxS,
+                                               0 if cache is None else cache_index)
+
+        x = self.embed(tokens_BxT, jnp.dtype(cfg.compute_dtype))
+        moe_stats, new_layer_caches = [], []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, layer_cache, stats = block(x, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache, cache_index)
+            new_layer_caches.append(layer_cache)
+            if stats is not None:
+                moe_stats.append(stats)
+        logits_BxTxV = self.logits(self.final_norm(x))
+
+        aux: dict = {}
+        if self.mtp:
+            mtp_logits, mtp_stats = self._multi_token_logits(
+                x, tokens_BxT, rope, mask_Bx1xTxS, token_mask_BxT)
+            aux["mtp_logits"] = mtp_logits
+            moe_stats += mtp_stats
+        if moe_stats:
+            aux["router"] = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_stats)
+            aux["moe_aux_loss"] = aux["router"]["aux_loss"].sum()
+        else:
+            aux["moe_aux_loss"] = jnp.zeros((), jnp.float32)
+        if cache is not None:
+            aux["cache"] = {"index": cache_index + tokens_BxT.shape[1],
+                            "segment_ids": kv_segments_BxS, "layers": tuple(new_layer_caches)}
+        return logits_BxTxV, aux
+
+    def _multi_token_logits(self, h_BxTxD, tokens_BxT, rope, mask_Bx1xTxS, token_mask_BxT):
+        """Sequential MTP (eq. 21-23): depth k combines h^{k-1}_i with the embedding of t_{i+k}.
+        Positions whose t_{i+k} lies past the end see a zero embedding; the loss masks them."""
+        logits, stats = [], []
+        for k, module in enumerate(self.mtp, start=1):
+            future_BxT = jnp.pad(tokens_BxT[:, k:], ((0, 0), (0, k)))
+            emb = self.embed(future_BxT, h_BxTxD.dtype)
+            emb = jnp.where((jnp.arange(tokens_BxT.shape[1]) < tokens_BxT.shape[1] - k)[None, :, None],
+                            emb, 0)
+            h = module.proj(jnp.concatenate([module.embed_norm(emb), module.hidden_norm(h_BxTxD)], -1))
+            h_BxTxD, _, block_stats = module.block(h, rope, mask_Bx1xTxS, token_mask_BxT)
+            logits.append(self.logits(module.final_norm(h_BxTxD)))
+            if block_stats is not None:
+                stats.append(block_stats)
+        return jnp.stack(logits), stats
+
+    def moe_layers(self) -> list[MoELayer]:
+        """Every MoE layer, in the order of `aux["router"]`'s leading axis."""
+        blocks = list(self.blocks) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoELayer)]
+
+    def update_router_biases(self, load_LxE: jax.Array) -> None:
+        """The aux-loss-free bias step for every MoE layer, from `aux["router"]["load"]`."""
+        for layer, load_E in zip(self.moe_layers(), load_LxE, strict=True):
+            layer.update_bias(load_E)
