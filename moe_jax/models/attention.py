@@ -57,8 +57,8 @@ class GQAttention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def _project(self, x_BxTxD: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
-        y = jnp.einsum("btd,dhk->bthk", x_BxTxD, w.value.astype(x_BxTxD.dtype))
-        return y if b is None else y + b.value.astype(y.dtype)
+        y = jnp.einsum("btd,dhk->bthk", x_BxTxD, w[...].astype(x_BxTxD.dtype))
+        return y if b is None else y + b[...].astype(y.dtype)
 
     def __call__(self, x_BxTxD: jax.Array, cos_BxTxR: jax.Array, sin_BxTxR: jax.Array,
                  mask_Bx1xTxS: jax.Array, layer_cache: dict | None = None,
@@ -74,5 +74,5 @@ class GQAttention(nnx.Module):
                            "v": kv_cache.write_slots(layer_cache["v"], v, cache_index)}
             k, v = layer_cache["k"], layer_cache["v"]
         out_BxTxHxK = dot_product_attention(q, k, v, mask_Bx1xTxS, self.scale)
-        y = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.w_o.value.astype(out_BxTxHxK.dtype))
+        y = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.w_o[...].astype(out_BxTxHxK.dtype))
         return y, layer_cache

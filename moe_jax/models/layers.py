@@ -48,7 +48,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x_f32 = x.astype(jnp.float32)
         inv_rms = jax.lax.rsqrt(jnp.mean(x_f32 * x_f32, axis=-1, keepdims=True) + self.eps)
-        return (x_f32 * inv_rms * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+        return (x_f32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -61,9 +61,9 @@ class Linear(nnx.Module):
                                 dtype=param_dtype) if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel.value.astype(x.dtype)
+        y = x @ self.kernel[...].astype(x.dtype)
         if self.bias is not None:
-            y = y + self.bias.value.astype(x.dtype)
+            y = y + self.bias[...].astype(x.dtype)
         return y
 
 
@@ -84,7 +84,7 @@ class MLP(nnx.Module):
         self.w_down = make_param(rngs, (d_ff, d_model), ("mlp", "embed"), dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return swiglu(x, self.w_gate.value, self.w_up.value, self.w_down.value)
+        return swiglu(x, self.w_gate[...], self.w_up[...], self.w_down[...])
 
 
 class Embedding(nnx.Module):
@@ -96,7 +96,7 @@ class Embedding(nnx.Module):
                                 init=default_embed_init, dtype=param_dtype)
 
     def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        return jnp.take(self.table.value, tokens, axis=0).astype(dtype)
+        return jnp.take(self.table[...], tokens, axis=0).astype(dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return x @ self.table.value.astype(x.dtype).T
+        return x @ self.table[...].astype(x.dtype).T

@@ -53,16 +53,16 @@ class MLAttention(nnx.Module):
         dtype = x_BxTxD.dtype
         h = x_BxTxD
         if self.w_dq is not None:
-            h = self.q_norm(h @ self.w_dq.value.astype(dtype))
-        q_BxTxHxQ = jnp.einsum("btc,chq->bthq", h, self.w_uq.value.astype(dtype))
+            h = self.q_norm(h @ self.w_dq[...].astype(dtype))
+        q_BxTxHxQ = jnp.einsum("btc,chq->bthq", h, self.w_uq[...].astype(dtype))
         q_nope, q_rope = q_BxTxHxQ[..., : self.nope], q_BxTxHxQ[..., self.nope:]
         return q_nope, apply_rope(q_rope, cos, sin)
 
     def _latent(self, x_BxTxD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The normalised KV latent `c_KV` `[B,T,r]` and the shared RoPE key `k_R` `[B,T,R]`."""
-        c_kr_BxTxC = x_BxTxD @ self.w_dkv_kr.value.astype(x_BxTxD.dtype)
+        c_kr_BxTxC = x_BxTxD @ self.w_dkv_kr[...].astype(x_BxTxD.dtype)
         latent_BxTxL = self.kv_norm(c_kr_BxTxC[..., : -self.rope])
-        k_rope_BxTxR = apply_rope(c_kr_BxTxC[..., -self.rope:, None], cos, sin)[..., 0]
+        k_rope_BxTxR = apply_rope(c_kr_BxTxC[..., None, -self.rope:], cos, sin)[..., 0, :]
         return latent_BxTxL, k_rope_BxTxR
 
     def __call__(self, x_BxTxD: jax.Array, cos_BxTxR: jax.Array, sin_BxTxR: jax.Array,
@@ -77,14 +77,14 @@ class MLAttention(nnx.Module):
                            "k_rope": kv_cache.write_slots(layer_cache["k_rope"], k_rope, cache_index)}
             out_BxTxHxV = self._absorbed(q_nope, q_rope, layer_cache["latent"],
                                          layer_cache["k_rope"], mask_Bx1xTxS)
-        y = jnp.einsum("bthv,hvd->btd", out_BxTxHxV, self.w_o.value.astype(out_BxTxHxV.dtype))
+        y = jnp.einsum("bthv,hvd->btd", out_BxTxHxV, self.w_o[...].astype(out_BxTxHxV.dtype))
         return y, layer_cache
 
     def _expanded(self, q_nope, q_rope, latent_BxSxL, k_rope_BxSxR, mask_Bx1xTxS) -> jax.Array:
         """Training form: materialise per-head keys (eq. 2, 4) and values (eq. 5)."""
         dtype = latent_BxSxL.dtype
-        k_nope_BxSxHxN = jnp.einsum("bsl,lhn->bshn", latent_BxSxL, self.w_uk.value.astype(dtype))
-        v_BxSxHxV = jnp.einsum("bsl,lhv->bshv", latent_BxSxL, self.w_uv.value.astype(dtype))
+        k_nope_BxSxHxN = jnp.einsum("bsl,lhn->bshn", latent_BxSxL, self.w_uk[...].astype(dtype))
+        v_BxSxHxV = jnp.einsum("bsl,lhv->bshv", latent_BxSxL, self.w_uv[...].astype(dtype))
         k_rope_BxSxHxR = jnp.broadcast_to(k_rope_BxSxR[:, :, None, :],
                                           k_nope_BxSxHxN.shape[:3] + (self.rope,))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
@@ -94,9 +94,9 @@ class MLAttention(nnx.Module):
     def _absorbed(self, q_nope, q_rope, latent_BxSxL, k_rope_BxSxR, mask_Bx1xTxS) -> jax.Array:
         """Decoding form: attend in latent space; `W_UK` and `W_UV` never touch the cache."""
         dtype = latent_BxSxL.dtype
-        q_latent_BxTxHxL = jnp.einsum("bthn,lhn->bthl", q_nope.astype(dtype), self.w_uk.value.astype(dtype))
+        q_latent_BxTxHxL = jnp.einsum("bthn,lhn->bthl", q_nope.astype(dtype), self.w_uk[...].astype(dtype))
         logits_BxHxTxS = (jnp.einsum("bthl,bsl->bhts", q_latent_BxTxHxL, latent_BxSxL)
                           + jnp.einsum("bthr,bsr->bhts", q_rope.astype(dtype), k_rope_BxSxR))
         probs = masked_softmax(logits_BxHxTxS * self.scale, mask_Bx1xTxS).astype(dtype)
         ctx_BxTxHxL = jnp.einsum("bhts,bsl->bthl", probs, latent_BxSxL)
-        return jnp.einsum("bthl,lhv->bthv", ctx_BxTxHxL, self.w_uv.value.astype(dtype))
+        return jnp.einsum("bthl,lhv->bthv", ctx_BxTxHxL, self.w_uv[...].astype(dtype))

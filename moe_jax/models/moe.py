@@ -56,11 +56,11 @@ class MoELayer(nnx.Module):
         b, t, d = x_BxTxD.shape
         x_NxD, mask_N = x_BxTxD.reshape(b * t, d), mask_BxT.reshape(b * t)
         # The gate runs in fp32: top-k choices are sensitive to rounding.
-        logits_NxE = x_NxD.astype(jnp.float32) @ self.w_router.value.astype(jnp.float32)
-        expert_idx_NxK, weights_NxK, scores_NxE = router.route(logits_NxE, self.router_bias.value, cfg)
+        logits_NxE = x_NxD.astype(jnp.float32) @ self.w_router[...].astype(jnp.float32)
+        expert_idx_NxK, weights_NxK, scores_NxE = router.route(logits_NxE, self.router_bias[...], cfg)
         y_NxD, dropped_fraction = dispatch_experts(
-            x_NxD, expert_idx_NxK, weights_NxK, self.w_gate.value, self.w_up.value,
-            self.w_down.value, backend=resolve_dispatch(cfg.moe_dispatch),
+            x_NxD, expert_idx_NxK, weights_NxK, self.w_gate[...], self.w_up[...],
+            self.w_down[...], backend=resolve_dispatch(cfg.moe_dispatch),
             capacity_factor=cfg.capacity_factor, token_mask_N=mask_N)
         if self.shared is not None:
             y_NxD = y_NxD + self.shared(x_NxD)
@@ -90,5 +90,5 @@ class MoELayer(nnx.Module):
 
     def update_bias(self, load_E: jax.Array) -> None:
         """Apply the loss-free bias step for the loads of one training step (outside the gradient)."""
-        self.router_bias.value = router.loss_free_bias_update(
-            self.router_bias.value, load_E, self.cfg.router_bias_rate)
+        self.router_bias[...] = router.loss_free_bias_update(
+            self.router_bias[...], load_E, self.cfg.router_bias_rate)

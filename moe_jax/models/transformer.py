@@ -4,7 +4,7 @@ norm, LM head, and DeepSeek-V3's multi-token prediction modules (§2.2, eq. 21-2
 `Transformer(cfg, rngs=nnx.Rngs(0))(tokens_BxT) -> (logits_BxTxV, aux)`, where aux holds
 - `moe_aux_loss`: the weighted balance losses summed over MoE layers (add it to the LM loss);
 - `router`: per-MoE-layer statistics stacked on a leading layer axis (main layers, then MTP);
-- `mtp_logits` `[D, B, T, V]` when `mtp_depth > 0`: depth k's logits at position i predict
+- `mtp_logits` `[D, B, T, V]` when `mtp_depth > 0` and no cache is given: depth k's logits at position i predict
   token i + k + 1 (the main logits predict i + 1);
 - `cache`: the updated KV cache when one was passed in.
 """
@@ -82,20 +82,21 @@ class Transformer(nnx.Module):
         """The (shared) output head, returning fp32 logits."""
         if self.head is None:
             return self.embed.attend(h_BxTxD).astype(jnp.float32)
-        return (h_BxTxD @ self.head.value.astype(h_BxTxD.dtype)).astype(jnp.float32)
+        return (h_BxTxD @ self.head[...].astype(h_BxTxD.dtype)).astype(jnp.float32)
 
     def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None, cache: dict | None = None
                  ) -> tuple[jax.Array, dict]:
-        """Segment id 0 marks padding; positions default to each segment's own count from 0
-        (continuing from the cache's slot index when decoding without explicit positions)."""
+        """Segment id 0 marks padding. Positions default to each segment's own count from 0; when
+        decoding, to the row's number of cached non-padding tokens plus that count (right for
+        left-padded prompts; pass positions explicitly for anything else)."""
         cfg = self.cfg
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones_like(tokens_BxT, jnp.int32)
         if positions_BxT is None:
             positions_BxT = kv_cache.segment_positions(segment_ids_BxT)
-            if cache is not None:
-                positions_BxT = positions_BxT + cache["index"]
+            if cache is not None:  # continue each row after the tokens it has cached
+                positions_BxT = positions_BxT + jnp.sum(cache["segment_ids"] != 0, 1, keepdims=True)
         rope = rope_tables(cfg, positions_BxT)
         token_mask_BxT = segment_ids_BxT != 0
         if cache is None:
@@ -117,7 +118,7 @@ class Transformer(nnx.Module):
         logits_BxTxV = self.logits(self.final_norm(x))
 
         aux: dict = {}
-        if self.mtp:
+        if self.mtp and cache is None:  # MTP is a training objective; decoding skips it
             mtp_logits, mtp_stats = self._multi_token_logits(
                 x, tokens_BxT, rope, mask_Bx1xTxS, token_mask_BxT)
             aux["mtp_logits"] = mtp_logits
