@@ -1,10 +1,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 from flax import nnx
 
-import numpy_reference as ref
 from moe_jax.configs import ModelConfig
 from moe_jax.models import kv_cache
 from moe_jax.models.attention import GQAttention
@@ -39,7 +39,7 @@ def test_segment_positions_restart_per_segment():
     np.testing.assert_array_equal(got, [[0, 0, 0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1, 0, 1]])
 
 
-@pytest.mark.parametrize("options", [dict(), dict(qkv_bias=True), dict(qk_norm=True, n_kv_heads=1)])
+@pytest.mark.parametrize("options", [{}, {"qkv_bias": True}, {"qk_norm": True, "n_kv_heads": 1}])
 def test_gqa_matches_loop_reference(options):
     cfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=options.pop("n_kv_heads", 2), **options)
     layer = GQAttention(cfg, rngs=nnx.Rngs(0))
@@ -54,9 +54,9 @@ def test_gqa_matches_loop_reference(options):
     np.testing.assert_allclose(np.asarray(got[0])[valid], expected[valid], rtol=1e-5, atol=1e-5)
 
 
-MLA_YARN = dict(attention="mla", d_model=32, n_heads=4, kv_lora_rank=12, qk_nope_head_dim=8,
-                qk_rope_head_dim=4, v_head_dim=6, rope_scaling_factor=4.0, rope_original_max_len=16,
-                rope_mscale=1.0, rope_mscale_all_dim=0.5)
+MLA_YARN = {"attention": "mla", "d_model": 32, "n_heads": 4, "kv_lora_rank": 12, "qk_nope_head_dim": 8,
+                "qk_rope_head_dim": 4, "v_head_dim": 6, "rope_scaling_factor": 4.0, "rope_original_max_len": 16,
+                "rope_mscale": 1.0, "rope_mscale_all_dim": 0.5}
 
 
 @pytest.mark.parametrize("q_lora_rank", [0, 10])

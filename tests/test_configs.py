@@ -20,18 +20,18 @@ def test_presets_listed_and_unknown_name_lists_them():
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(top_k=9), "top_k"),
-    (dict(n_group=3), "n_group"),
-    (dict(topk_group=5), "topk_group"),
-    (dict(kv_lora_rank=0), "kv_lora_rank"),
-    (dict(score_func="relu"), "score_func"),
-    (dict(moe_dispatch="magic"), "moe_dispatch"),
-    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
-    (dict(first_k_dense=9), "first_k_dense"),
-    (dict(rope_scaling_factor=0.5), "rope_scaling_factor"),
-    (dict(moe_d_ff=0), "moe_d_ff"),
-    (dict(compute_dtype="float8"), "compute_dtype"),
-    (dict(router_bias_rate=-1.0), "router_bias_rate"),
+    ({"top_k": 9}, "top_k"),
+    ({"n_group": 3}, "n_group"),
+    ({"topk_group": 5}, "topk_group"),
+    ({"kv_lora_rank": 0}, "kv_lora_rank"),
+    ({"score_func": "relu"}, "score_func"),
+    ({"moe_dispatch": "magic"}, "moe_dispatch"),
+    ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+    ({"first_k_dense": 9}, "first_k_dense"),
+    ({"rope_scaling_factor": 0.5}, "rope_scaling_factor"),
+    ({"moe_d_ff": 0}, "moe_d_ff"),
+    ({"compute_dtype": "float8"}, "compute_dtype"),
+    ({"router_bias_rate": -1.0}, "router_bias_rate"),
 ])
 def test_bad_moe_config_names_field_and_fix(changes, field):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}: .*Fix: "):
@@ -39,11 +39,11 @@ def test_bad_moe_config_names_field_and_fix(changes, field):
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(n_heads=3), "head_dim"),
-    (dict(n_kv_heads=3), "n_kv_heads"),
-    (dict(head_dim=15), "head_dim"),
-    (dict(d_model=0), "d_model"),
-    (dict(n_routed_experts=0, top_k=2), "n_routed_experts"),
+    ({"n_heads": 3}, "head_dim"),
+    ({"n_kv_heads": 3}, "n_kv_heads"),
+    ({"head_dim": 15}, "head_dim"),
+    ({"d_model": 0}, "d_model"),
+    ({"n_routed_experts": 0, "top_k": 2}, "n_routed_experts"),
 ])
 def test_bad_dense_config_names_field(changes, field):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}: "):

@@ -2,14 +2,13 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 from flax import nnx
 
-import numpy_reference as ref
 from moe_jax.configs import ModelConfig, get_preset
 from moe_jax.models.layers import MLP, Embedding, RMSNorm
-from moe_jax.models.rope import (apply_rope, rope_inv_freq, rope_tables, yarn_mscale,
-                                 yarn_softmax_scale)
+from moe_jax.models.rope import apply_rope, rope_inv_freq, rope_tables, yarn_mscale, yarn_softmax_scale
 
 
 def test_rms_norm_matches_reference_and_keeps_dtype():

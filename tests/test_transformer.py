@@ -3,10 +3,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 from flax import nnx
 
-import numpy_reference as ref
 from moe_jax.configs import get_preset
 from moe_jax.models import Transformer, init_cache
 from moe_jax.models.layers import MLP
@@ -54,7 +54,7 @@ def test_packed_sequences_equal_separate_runs(compiled):
     a, b = _tokens(compiled.cfg, (1, 5), 1), _tokens(compiled.cfg, (1, 7), 2)
     packed = jnp.concatenate([a, b], axis=1)
     segments = jnp.array([[1] * 5 + [2] * 7])
-    logits, aux = compiled.forward(packed, segments)
+    logits, _aux = compiled.forward(packed, segments)
     logits_a, _ = compiled.forward(a)
     logits_b, _ = compiled.forward(b)
     np.testing.assert_allclose(logits[:, :5], logits_a, rtol=1e-5, atol=1e-5)
@@ -117,7 +117,7 @@ def test_moe_schedule_aux_and_router_stats():
     model = Compiled(cfg).model
     kinds = [type(b.ffn) for b in model.blocks]
     assert kinds == [MLP] + [MoELayer] * (cfg.n_layers - 1)
-    logits, aux = model(_tokens(cfg, (2, 8)))
+    _logits, aux = model(_tokens(cfg, (2, 8)))
     n_moe = cfg.n_moe_layers + cfg.mtp_depth
     assert aux["router"]["load"].shape == (n_moe, cfg.n_routed_experts)
     # Every valid token picks top_k experts in every MoE layer.

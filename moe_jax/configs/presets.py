@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from moe_jax.configs.model_config import ModelConfig
 
-_DEEPSEEK_MLA = dict(attention="mla", kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                     v_head_dim=128)
+_DEEPSEEK_MLA = {"attention": "mla", "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                 "qk_rope_head_dim": 64, "v_head_dim": 128}
 
 _PRESETS: dict[str, ModelConfig] = {
     # A DeepSeek-V3 in miniature: MLA, sigmoid group-limited routing with a bias, a shared

@@ -1,0 +1,21 @@
+"""moe_jax: DeepSeek-style Mixture-of-Experts models and GRPO reinforcement learning in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="DeepSeek-V3-class MoE transformers and GRPO/R1 training in JAX/Flax NNX",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe_jax", "moe_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={"test": ["pytest", "ruff"]},
+)
