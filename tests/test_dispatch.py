@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.models import dispatch
+from moe_jax.models import blocked_experts, expert_rows
 from moe_jax.models.dispatch import BACKENDS, capacity_per_expert, dispatch_experts
 
 N, D, F, E = 64, 16, 8, 8
@@ -96,9 +96,9 @@ def test_matches_dense_outputs_and_grads(name, k, case):
 
 def test_blocked_repeats_largest_window(monkeypatch):
     """Groups taller than the largest window run it several times, then smaller ones."""
-    monkeypatch.setattr(dispatch, "_MAX_WINDOW_ROWS", 8)  # read at trace time
+    monkeypatch.setattr(blocked_experts, "_MAX_WINDOW_ROWS", 8)  # read at trace time
     static = {"backend": "blocked", "block_size": 2}  # unique static args: a fresh trace
-    assert dispatch._window_sizes(2, 128) == (8, 4, 2)
+    assert blocked_experts._window_sizes(2, 128) == (8, 4, 2)
     prob = _problem(2, "skewed", seed=13)  # ~60 copies (7+ windows of 8) for expert 5
     np.testing.assert_allclose(_run(prob, **static)[0], _run(prob, backend="dense")[0], **TOL)
     for grad_name, g, g_ref in zip(GRAD_NAMES, _run_grads(prob, **static),
@@ -155,9 +155,9 @@ def test_two_operand_sort_fallback_matches_fused_key(monkeypatch):
     """Inputs too large for the int32 fused sort key take a stable two-operand sort."""
     prob = _problem(2, "skewed", seed=17)
     mask = jnp.arange(N) % 4 != 1
-    fused = dispatch._sort_copies(prob["expert_idx"], mask, E)  # eager: no trace cache
-    monkeypatch.setattr(dispatch, "_MAX_FUSED_SORT_KEY", 0)
-    fallback = dispatch._sort_copies(prob["expert_idx"], mask, E)
+    fused = expert_rows.sort_copies(prob["expert_idx"], mask, E)  # eager: no trace cache
+    monkeypatch.setattr(expert_rows, "_MAX_FUSED_SORT_KEY", 0)
+    fallback = expert_rows.sort_copies(prob["expert_idx"], mask, E)
     for name, a, b in zip(fused._fields, fused, fallback):
         np.testing.assert_array_equal(a, b, err_msg=name)
     # Ranks follow GShard priority: a k=0 copy always ranks before its expert's k=1 copies.

@@ -145,3 +145,30 @@ def test_unused_loss_terms_are_not_computed():
     _, stats = layer(jnp.ones((1, 2, 16)), jnp.ones((1, 2), bool))
     assert not {"switch_loss", "seq_loss", "z_loss"} & set(stats)
     assert float(stats["aux_loss"]) == 0.0
+
+
+@pytest.mark.parametrize("backend, capacity_factor", [
+    ("blocked", 1.25), ("ragged", 1.25), ("capacity", 8.0 / 2), ("auto", 1.25)])
+def test_layer_backends_equal_dense_in_outputs_and_gradients(backend, capacity_factor):
+    """Through the whole layer (router, shared expert, padding): outputs and every gradient."""
+    base = _cfg(**ROUTERS["v3"], aux_loss_coef=0.1)
+    x = jax.random.normal(jax.random.key(3), (2, 6, 16))
+    mask = jnp.asarray([[True] * 6, [False, False, True, True, True, True]])
+
+    def value_and_grads(cfg):
+        layer = MoELayer(cfg, rngs=nnx.Rngs(0))
+
+        def loss(layer, x):
+            y, stats = layer(x, mask)
+            return jnp.sum(jnp.where(mask[..., None], y, 0.0) ** 2) + stats["aux_loss"], stats
+
+        (value, stats), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
+        return value, stats, grads
+
+    expected, _, expected_grads = value_and_grads(base)
+    got, stats, grads = value_and_grads(dataclasses.replace(
+        base, moe_dispatch=backend, capacity_factor=capacity_factor))
+    assert float(stats["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
