@@ -13,7 +13,6 @@ backwards. Nothing of size [N*K, D] is materialised, which matters on CPU where 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -132,23 +131,10 @@ def _blocked_forward(
     return y_NxD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _blocked_swiglu(
-    x_NxD: jax.Array,
-    row_weight_R: jax.Array,
-    w_gate_ExDxF: jax.Array,
-    w_up_ExDxF: jax.Array,
-    w_down_ExFxD: jax.Array,
-    row_token_R: jax.Array,
-    segment_start_E: jax.Array,
-    window_counts_LxE: jax.Array,
-    window_sizes: tuple[int, ...],
-) -> jax.Array:
-    # A custom VJP because (a) the window loops have data-dependent trip counts,
-    # which JAX cannot reverse-differentiate, and (b) autodiff of a loop that
-    # indexes expert weights would materialise a full [E, D, F] cotangent per step.
-    return _blocked_forward(x_NxD, row_weight_R, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
-                            row_token_R, segment_start_E, window_counts_LxE, window_sizes)
+# A custom VJP because (a) the window loops have data-dependent trip counts, which JAX cannot
+# reverse-differentiate, and (b) autodiff of a loop that indexes expert weights would materialise a
+# full [E, D, F] cotangent per step. `window_sizes` (argument 8) is static.
+_blocked_swiglu = jax.custom_vjp(_blocked_forward, nondiff_argnums=(8,))
 
 
 def _blocked_swiglu_fwd(*args) -> tuple[jax.Array, tuple[jax.Array, ...]]:
