@@ -22,6 +22,9 @@ from moe_jax.models.layers import MLP, Embedding, Linear, RMSNorm, make_param
 from moe_jax.models.mla import MLAttention
 from moe_jax.models.moe import MoELayer
 from moe_jax.models.rope import rope_tables
+from moe_jax.parallel.rules import constrain
+
+_ACT_BTD = ("batch", "length", "act_embed")
 
 
 class Block(nnx.Module):
@@ -81,8 +84,10 @@ class Transformer(nnx.Module):
     def logits(self, h_BxTxD: jax.Array) -> jax.Array:
         """The (shared) output head, returning fp32 logits."""
         if self.head is None:
-            return self.embed.attend(h_BxTxD).astype(jnp.float32)
-        return (h_BxTxD @ self.head[...].astype(h_BxTxD.dtype)).astype(jnp.float32)
+            logits_BxTxV = self.embed.attend(h_BxTxD)
+        else:
+            logits_BxTxV = h_BxTxD @ self.head[...].astype(h_BxTxD.dtype)
+        return constrain(logits_BxTxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None, cache: dict | None = None
@@ -107,11 +112,12 @@ class Transformer(nnx.Module):
         mask_Bx1xTxS = kv_cache.attention_mask(segment_ids_BxT, kv_segments_BxS,
                                                0 if cache is None else cache_index)
 
-        x = self.embed(tokens_BxT, jnp.dtype(cfg.compute_dtype))
+        x = constrain(self.embed(tokens_BxT, jnp.dtype(cfg.compute_dtype)), _ACT_BTD)
         moe_stats, new_layer_caches = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache["layers"][i]
             x, layer_cache, stats = block(x, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache, cache_index)
+            x = constrain(x, _ACT_BTD)
             new_layer_caches.append(layer_cache)
             if stats is not None:
                 moe_stats.append(stats)

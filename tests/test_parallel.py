@@ -1,0 +1,98 @@
+"""Sharded models on 8 simulated CPU devices compute what one device computes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.configs import get_preset
+from moe_jax.models import Transformer
+from moe_jax.parallel import init_sharded, make_mesh, make_rules, parse_mesh_spec, state_shardings, use_mesh
+
+MLA_MOE = get_preset("tiny-moe")
+GQA_MOE = dataclasses.replace(
+    MLA_MOE, attention="gqa", n_kv_heads=2, q_lora_rank=0, kv_lora_rank=0, qk_nope_head_dim=0,
+    qk_rope_head_dim=0, v_head_dim=0, score_func="softmax", n_group=1, topk_group=1,
+    aux_loss_coef=1e-2, router_z_loss_coef=1e-3)
+MODELS = {"mla-moe": MLA_MOE, "gqa-moe": GQA_MOE}
+
+
+def test_mesh_spec_parsing_and_errors():
+    assert parse_mesh_spec("data=2,expert=4", 8) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert parse_mesh_spec("auto", 8)["data"] == 8
+    with pytest.raises(ValueError, match="covers 4 devices but 8 are available"):
+        parse_mesh_spec("data=4", 8)
+    with pytest.raises(ValueError, match="bad entry 'pipeline=2'"):
+        parse_mesh_spec("pipeline=2,data=4", 8)
+    assert make_mesh("fsdp=2,expert=2,tensor=2").shape == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+
+
+def test_indivisible_dimension_fails_before_compiling():
+    abstract = nnx.eval_shape(lambda: Transformer(GQA_MOE, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"w_k: dimension 1 \(size 2\) is not divisible .*tensor"):
+        state_shardings(nnx.state(abstract), make_mesh("tensor=8"))
+    with pytest.raises(ValueError, match="unknown logical axes"):
+        make_rules({"pipeline": "data"})
+
+
+def _loss_fn(tokens):
+    def loss(model):
+        logits, aux = model(tokens)
+        log_probs = jax.nn.log_softmax(logits[:, :-1])
+        nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1).mean()
+        return nll + aux["moe_aux_loss"], (logits, aux["router"]["load"])
+    return loss
+
+
+def _step(model, tokens):
+    """Loss, logits, gradients, and the router biases after one loss-free update."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state):
+        model = nnx.merge(graphdef, state)
+        (loss, (logits, load)), grads = nnx.value_and_grad(_loss_fn(tokens), has_aux=True)(model)
+        model.update_router_biases(load)
+        return loss, logits, nnx.state(grads, nnx.Param), nnx.state(model, nnx.Variable)
+
+    return step(state)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    tokens = jax.random.randint(jax.random.key(7), (8, 16), 0, MLA_MOE.vocab_size)
+    results = {}
+    for name, cfg in MODELS.items():
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        results[name] = _step(model, tokens)
+    return tokens, results
+
+
+def _assert_close(got, expected):
+    for (path, g), (_, e) in zip(nnx.to_flat_state(got), nnx.to_flat_state(expected), strict=True):
+        g, e = np.asarray(g.get_value()), np.asarray(e.get_value())
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * max(np.abs(e).max(), 1e-30),
+                                   err_msg=str(path))
+
+
+@pytest.mark.parametrize("name, spec", [
+    ("mla-moe", "data=8"), ("mla-moe", "expert=8"), ("mla-moe", "data=2,expert=4"),
+    ("mla-moe", "fsdp=2,expert=2,tensor=2"), ("gqa-moe", "data=2,expert=4"),
+    ("gqa-moe", "fsdp=2,expert=2,tensor=2"),
+])
+def test_mesh_matches_single_device(single_device, name, spec):
+    tokens, results = single_device
+    mesh = make_mesh(spec)
+    with use_mesh(mesh):
+        model = init_sharded(lambda: Transformer(MODELS[name], rngs=nnx.Rngs(0)), mesh)
+        w_gate = model.blocks[1].ffn.w_gate[...]
+        assert w_gate.sharding.spec == jax.P("expert", "fsdp", "tensor")
+        loss, logits, grads, variables = _step(model, tokens)
+    ref_loss, ref_logits, ref_grads, ref_variables = results[name]
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    _assert_close(grads, ref_grads)
+    _assert_close(variables, ref_variables)  # parameters and the updated router biases
