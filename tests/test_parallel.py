@@ -96,3 +96,37 @@ def test_mesh_matches_single_device(single_device, name, spec):
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
     _assert_close(grads, ref_grads)
     _assert_close(variables, ref_variables)  # parameters and the updated router biases
+
+
+def _forward_on_mesh(cfg, spec, tokens):
+    mesh = make_mesh(spec)
+    with use_mesh(mesh):
+        model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda s: nnx.merge(graphdef, s)(tokens))(state)
+
+
+@pytest.mark.parametrize("local_backend", ["dense", "capacity"])
+def test_expert_parallel_local_backends_match_single_device(single_device, local_backend):
+    tokens, results = single_device
+    cfg = dataclasses.replace(MLA_MOE, moe_dispatch=local_backend, capacity_factor=8.0)
+    logits, aux = _forward_on_mesh(cfg, "data=2,expert=4", tokens)
+    np.testing.assert_allclose(logits, results["mla-moe"][1], rtol=1e-5, atol=1e-5)
+    assert float(aux["router"]["dropped_fraction"].max()) == 0.0
+
+
+def test_small_ep_capacity_drops_and_reports_globally(single_device):
+    tokens, _ = single_device
+    cfg = dataclasses.replace(MLA_MOE, ep_capacity_factor=0.25)
+    logits, aux = _forward_on_mesh(cfg, "expert=8", tokens)
+    dropped = np.asarray(aux["router"]["dropped_fraction"])
+    assert (dropped > 0).all() and (dropped < 1).all()
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_ragged_exchange_falls_back_on_cpu_with_warning(single_device):
+    tokens, results = single_device
+    cfg = dataclasses.replace(MLA_MOE, ep_exchange="ragged_all_to_all")
+    with pytest.warns(UserWarning, match="ragged_all_to_all is unsupported on CPU"):
+        logits, _ = _forward_on_mesh(cfg, "expert=8", tokens)
+    np.testing.assert_allclose(logits, results["mla-moe"][1], rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ ATTENTION_KINDS = ("gqa", "mla")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DISPATCH_BACKENDS = ("dense", "capacity", "ragged", "blocked", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
+EP_EXCHANGES = ("all_to_all", "ragged_all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,9 @@ class ModelConfig:
     first_k_dense: int = 0  # [first_k_dense_replace]
     moe_dispatch: Dispatch = "auto"
     capacity_factor: float = 1.25  # only for moe_dispatch="capacity"
+    # Expert parallelism (a mesh with expert > 1): how token copies travel to their experts.
+    ep_exchange: str = "all_to_all"  # or "ragged_all_to_all" (GPU/TPU)
+    ep_capacity_factor: float = 0.0  # send-buffer slots per shard / fair share; 0 = dropless
     # Balancing; each term is off at 0 and they combine freely.
     router_bias_rate: float = 0.0  # γ of the auxiliary-loss-free bias update; 0 = no bias
     aux_loss_coef: float = 0.0  # Switch/GShard load-balancing loss
@@ -233,6 +237,10 @@ def _validate_moe(cfg: ModelConfig) -> None:
         _fail("first_k_dense", f"must be in [0, n_layers={cfg.n_layers}]", "lower first_k_dense")
     if cfg.capacity_factor <= 0:
         _fail("capacity_factor", "must be > 0", "use e.g. 1.25")
+    if cfg.ep_exchange not in EP_EXCHANGES:
+        _fail("ep_exchange", f"unknown exchange {cfg.ep_exchange!r}", f"use one of {EP_EXCHANGES}")
+    if cfg.ep_capacity_factor < 0:
+        _fail("ep_capacity_factor", "must be >= 0", "use 0 for a dropless exchange or e.g. 1.25")
     if cfg.routed_scaling_factor <= 0:
         _fail("routed_scaling_factor", "must be > 0", "use 1.0 for no scaling")
     for field in ("router_bias_rate", "aux_loss_coef", "seq_aux_loss_coef", "router_z_loss_coef"):

@@ -16,7 +16,9 @@ from flax import nnx
 from moe_jax.configs import ModelConfig
 from moe_jax.models import router
 from moe_jax.models.dispatch import dispatch_experts
+from moe_jax.models.expert_parallel import ep_dispatch_experts
 from moe_jax.models.layers import MLP, make_param
+from moe_jax.parallel.rules import active_mesh_and_rules
 
 
 class RouterBias(nnx.Variable):
@@ -58,10 +60,17 @@ class MoELayer(nnx.Module):
         # The gate runs in fp32: top-k choices are sensitive to rounding.
         logits_NxE = x_NxD.astype(jnp.float32) @ self.w_router[...].astype(jnp.float32)
         expert_idx_NxK, weights_NxK, scores_NxE = router.route(logits_NxE, self.router_bias[...], cfg)
-        y_NxD, dropped_fraction = dispatch_experts(
-            x_NxD, expert_idx_NxK, weights_NxK, self.w_gate[...], self.w_up[...],
-            self.w_down[...], backend=resolve_dispatch(cfg.moe_dispatch),
-            capacity_factor=cfg.capacity_factor, token_mask_N=mask_N)
+        experts = (x_NxD, expert_idx_NxK, weights_NxK, self.w_gate[...], self.w_up[...], self.w_down[...])
+        backend = resolve_dispatch(cfg.moe_dispatch)
+        mesh_and_rules = active_mesh_and_rules()
+        if mesh_and_rules is not None and mesh_and_rules[0].shape["expert"] > 1:
+            mesh, rules = mesh_and_rules
+            y_NxD, dropped_fraction = ep_dispatch_experts(
+                *experts, mesh=mesh, rules=rules, local_backend=backend,
+                capacity_factor=cfg.ep_capacity_factor, token_mask_N=mask_N, exchange=cfg.ep_exchange)
+        else:
+            y_NxD, dropped_fraction = dispatch_experts(
+                *experts, backend=backend, capacity_factor=cfg.capacity_factor, token_mask_N=mask_N)
         if self.shared is not None:
             y_NxD = y_NxD + self.shared(x_NxD)
         stats = self._stats(logits_NxE, scores_NxE, expert_idx_NxK, mask_N, (b, t))

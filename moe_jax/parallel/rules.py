@@ -123,10 +123,9 @@ def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
         _ACTIVE.reset(token)
 
 
-def active_mesh() -> Mesh | None:
-    """The mesh activated by `use_mesh`, if any."""
-    active = _ACTIVE.get()
-    return None if active is None else active[0]
+def active_mesh_and_rules() -> tuple[Mesh, Rules] | None:
+    """The mesh and rules activated by `use_mesh`, if any."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
