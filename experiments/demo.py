@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -19,11 +20,15 @@ from moe_jax import config_flags
 from moe_jax.configs import count_params, flops_per_token
 from moe_jax.models import Transformer, cache_bytes_per_token
 from moe_jax.models.moe import resolve_dispatch
+from moe_jax.parallel import init_sharded, make_mesh, use_mesh
+from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
 
 config_flags.define_config_flags()
 flags.DEFINE_integer("seq_len", 64, "sequence length for FLOPs and the forward pass")
 flags.DEFINE_integer("batch", 4, "batch size of the forward pass")
 flags.DEFINE_float("max_forward_params", 2e9, "skip the forward pass above this many parameters")
+flags.DEFINE_string("mesh", None, "device mesh, e.g. 'data=2,expert=4' or 'auto'; unset = one device")
+define_distributed_flags()
 FLAGS = flags.FLAGS
 
 
@@ -36,6 +41,7 @@ def _human(n: float) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    initialize_from_flags()
     cfg = config_flags.config_from_flags()
     params = count_params(cfg)
     flops = flops_per_token(cfg, FLAGS.seq_len)
@@ -52,16 +58,22 @@ def main(argv: list[str]) -> None:
               f"> --max_forward_params={_human(FLAGS.max_forward_params)}")
         return
 
-    model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
     tokens = jax.random.randint(jax.random.key(1), (FLAGS.batch, FLAGS.seq_len), 0, cfg.vocab_size)
-    forward = nnx.jit(lambda m, t: m(t))
-    jax.block_until_ready(forward(model, tokens))
-    start = time.perf_counter()
-    logits, aux = jax.block_until_ready(forward(model, tokens))
-    elapsed_ms = (time.perf_counter() - start) * 1e3
+    mesh = make_mesh(FLAGS.mesh) if FLAGS.mesh else None
+    with use_mesh(mesh) if mesh else contextlib.nullcontext():
+        def make_model() -> Transformer:  # Rngs made inside, so each trace gets its own
+            return Transformer(cfg, rngs=nnx.Rngs(0))
+
+        model = init_sharded(make_model, mesh) if mesh else nnx.jit(make_model)()
+        forward = nnx.jit(lambda m, t: m(t))
+        jax.block_until_ready(forward(model, tokens))
+        start = time.perf_counter()
+        logits, aux = jax.block_until_ready(forward(model, tokens))
+        elapsed_ms = (time.perf_counter() - start) * 1e3
     log_probs = jax.nn.log_softmax(logits[:, :-1])
     loss = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1).mean()
-    report = {"platform": jax.default_backend(), "logits_shape": list(logits.shape),
+    report = {"platform": jax.default_backend(), "mesh": dict(mesh.shape) if mesh else None,
+              "logits_shape": list(logits.shape),
               "next_token_loss": round(float(loss), 4), "uniform_loss": round(float(jnp.log(cfg.vocab_size)), 4),
               "moe_aux_loss": float(aux["moe_aux_loss"]), "forward_ms": round(elapsed_ms, 2)}
     if "router" in aux:

@@ -130,3 +130,28 @@ def test_ragged_exchange_falls_back_on_cpu_with_warning(single_device):
     with pytest.warns(UserWarning, match="ragged_all_to_all is unsupported on CPU"):
         logits, _ = _forward_on_mesh(cfg, "expert=8", tokens)
     np.testing.assert_allclose(logits, results["mla-moe"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_process_batch_slices_partition_the_batch():
+    from moe_jax.parallel.distributed import grain_shard_options, process_batch_slice
+
+    rows = [list(range(32))[process_batch_slice(32, i, 4)] for i in range(4)]
+    assert [i for r in rows for i in r] == list(range(32)) and all(len(r) == 8 for r in rows)
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        process_batch_slice(32, 0, 3)
+    with pytest.raises(ValueError, match="outside"):
+        process_batch_slice(32, 4, 4)
+    options = grain_shard_options(2, 4)
+    assert (options.shard_index, options.shard_count, options.drop_remainder) == (2, 4, True)
+
+
+def test_single_process_global_batch_and_initialize_is_opt_in():
+    from moe_jax.parallel.distributed import global_batch_array, initialize_distributed
+
+    assert initialize_distributed() is False
+    with pytest.raises(ValueError, match="together"):
+        initialize_distributed(coordinator_address="localhost:1234")
+    mesh = make_mesh("data=2,expert=4")
+    batch = global_batch_array(np.arange(16 * 3).reshape(16, 3), mesh)
+    assert batch.shape == (16, 3) and batch.sharding.spec == jax.P(("data", "fsdp", "expert"))
+    np.testing.assert_array_equal(batch, np.arange(48).reshape(16, 3))
