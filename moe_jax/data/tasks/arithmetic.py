@@ -1,0 +1,92 @@
+"""Multi-digit addition and multiplication, solved the way it is taught: column by column with
+carries, and long multiplication by partial products."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from moe_jax.data.tasks.base import Problem, Task
+
+_INTEGER = re.compile(r"-?\d{1,40}")
+
+
+def _slip(digit: int, rng: np.random.Generator) -> int:
+    """A wrong digit, one off the right one."""
+    return (digit + int(rng.choice([-1, 1]))) % 10
+
+
+class Arithmetic(Task):
+    """`a + b` or `a * b` with operands of `min_digits`..`max_digits` digits."""
+
+    name = "arithmetic"
+
+    def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+*"):
+        if not 1 <= min_digits <= max_digits:
+            raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+        if not ops or set(ops) - set("+*"):
+            raise ValueError(f"ops must be a non-empty subset of '+*', got {ops!r}")
+        self.min_digits, self.max_digits, self.ops = min_digits, max_digits, ops
+
+    def _operand(self, rng: np.random.Generator) -> int:
+        digits = int(rng.integers(self.min_digits, self.max_digits + 1))
+        low = 0 if digits == 1 else 10 ** (digits - 1)
+        return int(rng.integers(low, 10**digits))
+
+    def generate(self, rng: np.random.Generator) -> Problem:
+        a, b = self._operand(rng), self._operand(rng)
+        op = str(rng.choice(list(self.ops)))
+        value = a + b if op == "+" else a * b
+        return Problem(self.name, f"{a}{op}{b}", str(value), {"a": a, "b": b, "op": op})
+
+    def solve(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> tuple[str, str]:
+        a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
+        slip = rng.random() < error_rate
+        return self._add(a, b, rng, slip) if op == "+" else self._multiply(a, b, rng, slip)
+
+    def _add(self, a: int, b: int, rng: np.random.Generator, slip: bool) -> tuple[str, str]:
+        """Column addition from the units; a slip writes one column's digit wrong."""
+        da, db = str(a)[::-1], str(b)[::-1]
+        columns = max(len(da), len(db))
+        wrong_column = int(rng.integers(columns)) if slip else -1
+        steps, written, carry = [], [], 0
+        for i in range(columns):
+            x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+            total = x + y + carry
+            digit = _slip(total % 10, rng) if i == wrong_column else total % 10
+            steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}, write {digit}")
+            written.append(str(digit))
+            carry = total // 10
+        if carry:
+            written.append(str(carry))
+            steps.append(f"carry {carry}")
+        result = str(int("".join(reversed(written))))
+        return "\n".join(steps) + f"\nso {a}+{b}={result}", result
+
+    def _multiply(self, a: int, b: int, rng: np.random.Generator, slip: bool) -> tuple[str, str]:
+        """Long multiplication: one partial product per digit of b, then their sum; a slip gets
+        one partial product's digit wrong."""
+        digits = str(b)[::-1]
+        wrong = int(rng.integers(len(digits))) if slip else -1
+        partials, steps = [], []
+        for i, d in enumerate(digits):
+            partial = a * int(d) * 10**i
+            if i == wrong:
+                text = str(partial)
+                at = int(rng.integers(len(text)))
+                right = int(text[at])
+                bad = _slip(right, rng)
+                if at == 0 and bad == 0:  # no leading zero: step the other way (1 -> 2, 9 -> 8)
+                    bad = 2 if right == 1 else 8
+                partial = int(text[:at] + str(bad) + text[at + 1:])
+            partials.append(partial)
+            steps.append(f"{a}*{int(d) * 10**i}={partial}")
+        result = sum(partials)
+        if len(partials) > 1:
+            steps.append("+".join(map(str, partials)) + f"={result}")
+        return "\n".join(steps) + f"\nso {a}*{b}={result}", str(result)
+
+    def check_answer(self, problem: Problem, answer: str) -> bool:
+        answer = answer.strip()
+        return bool(_INTEGER.fullmatch(answer)) and int(answer) == int(problem.answer)
