@@ -16,6 +16,7 @@ setup(
         "grain",
         "numpy",
         "absl-py",
+        "tokenizers",
     ],
     extras_require={"test": ["pytest", "ruff"]},
 )

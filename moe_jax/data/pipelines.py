@@ -1,0 +1,100 @@
+"""grain pipelines over the synthetic tasks: packed pretraining rows, SFT rows with the loss on the
+response only, and RL prompt batches.
+
+Problem `i` of a task stream is generated from the seed sequence `(seed, i)`, so the source is
+random-access: grain shuffles, shards by process and checkpoints it by index (the iterator's
+`get_state()` / `set_state()` is a few integers), and the same seed gives the same stream.
+"""
+
+from __future__ import annotations
+
+import grain
+import grain.experimental as grain_experimental
+import jax
+import numpy as np
+
+from moe_jax.data.tasks import Problem, Task
+from moe_jax.data.tokenizer import Tokenizer
+
+STREAM_LENGTH = 1 << 30  # problems per synthetic stream (lazily generated; effectively endless)
+
+
+def problem_at(task: Task, seed: int, index: int) -> Problem:
+    """Problem `index` of the stream `seed`: the same pair always gives the same problem."""
+    return task.generate(np.random.default_rng([seed, index]))
+
+
+def _example(task: Task, tokenizer: Tokenizer, seed: int, index: int, error_rate: float,
+             template: str, loss_on_prompt: bool) -> dict[str, np.ndarray]:
+    """bos + prompt + completion + eos, with the loss mask on the completion (and on the prompt
+    too for pretraining documents)."""
+    problem = problem_at(task, seed, index)
+    # The solution's slips get their own stream, so error_rate never changes the problems.
+    completion = task.completion(problem, np.random.default_rng([seed, index, 1]), error_rate)
+    prompt_ids = tokenizer.encode(task.prompt(problem, template), add_bos=True)
+    completion_ids = tokenizer.encode(completion, add_eos=True)
+    mask = [int(loss_on_prompt)] * len(prompt_ids) + [1] * len(completion_ids)
+    return {"tokens": np.asarray(prompt_ids + completion_ids, np.int32),
+            "loss_mask": np.asarray(mask, np.int32)}
+
+
+def task_examples(task: Task, tokenizer: Tokenizer, *, seed: int, error_rate: float = 0.0,
+                  template: str = "compact", loss_on_prompt: bool = True) -> grain.MapDataset:
+    """A random-access dataset of tokenized examples: pretraining documents
+    (`loss_on_prompt=True`, the default) or SFT pairs (`False`: loss on the response only)."""
+    return grain.MapDataset.range(STREAM_LENGTH).map(
+        lambda i: _example(task, tokenizer, seed, int(i), error_rate, template, loss_on_prompt))
+
+
+def _process_shard(dataset: grain.MapDataset, process_index: int | None,
+                   process_count: int | None) -> grain.MapDataset:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    return dataset[index::count]
+
+
+def _rename_packed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids = batch["tokens_segment_ids"]
+    return {"tokens": batch["tokens"], "segment_ids": segment_ids,
+            "positions": batch["tokens_positions"],
+            "loss_mask": batch["loss_mask"] * (segment_ids != 0)}
+
+
+def packed_batches(examples: grain.MapDataset, *, seq_len: int, batch_size: int, seed: int,
+                   shuffle: bool = True, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.IterDataset:
+    """Examples packed first-fit into rows of `seq_len` tokens (longer ones are truncated), batched.
+
+    Each batch holds `tokens`, `segment_ids` (1, 2, … per document, 0 = padding), `positions`
+    (restarting per document) and `loss_mask` `[batch_size, seq_len]`; this process reads only
+    its `1/process_count` of the stream."""
+    dataset = examples.shuffle(seed=seed) if shuffle else examples
+    dataset = _process_shard(dataset, process_index, process_count).to_iter_dataset()
+    packed = grain_experimental.FirstFitPackIterDataset(
+        dataset, length_struct={"tokens": seq_len, "loss_mask": seq_len},
+        num_packing_bins=batch_size, shuffle_bins=False)
+    return packed.batch(batch_size, drop_remainder=True).map(_rename_packed)
+
+
+def _prompt_row(task: Task, tokenizer: Tokenizer, seed: int, index: int, prompt_len: int,
+                template: str) -> dict[str, np.ndarray]:
+    problem = problem_at(task, seed, index)
+    ids = tokenizer.encode(task.prompt(problem, template), add_bos=True)
+    if len(ids) > prompt_len:
+        raise ValueError(f"prompt of problem {index} has {len(ids)} tokens > prompt_len={prompt_len}. "
+                         "Fix: raise prompt_len or use an easier task setting / shorter template")
+    pad = prompt_len - len(ids)  # left padding: every prompt ends at the same slot
+    return {"prompt_tokens": np.asarray([tokenizer.pad_id] * pad + ids, np.int32),
+            "prompt_segment_ids": np.asarray([0] * pad + [1] * len(ids), np.int32),
+            "problem_index": np.asarray(index, np.int64)}
+
+
+def rl_prompt_batches(task: Task, tokenizer: Tokenizer, *, seed: int, batch_size: int,
+                      prompt_len: int, template: str = "r1_zero", process_index: int | None = None,
+                      process_count: int | None = None) -> grain.IterDataset:
+    """Batches of left-padded prompts with the index of their problem (`problem_at(task, seed,
+    index)` rebuilds it with its verifier data)."""
+    dataset = grain.MapDataset.range(STREAM_LENGTH).shuffle(seed=seed)
+    dataset = _process_shard(dataset, process_index, process_count).map(
+        lambda i: _prompt_row(task, tokenizer, seed, int(i), prompt_len, template))
+    return dataset.to_iter_dataset().batch(batch_size, drop_remainder=True)
