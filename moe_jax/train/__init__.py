@@ -1,0 +1,1 @@
+"""Training: losses, optimizer (and, later, the jitted step, loop and checkpoints)."""
