@@ -7,7 +7,7 @@ from flax import nnx
 from moe_jax.configs import get_preset
 from moe_jax.models import Transformer
 from moe_jax.models.moe import RouterBias
-from moe_jax.train.losses import mtp_loss, next_token_loss
+from moe_jax.train.losses import count_targets, mtp_loss, next_token_loss
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 2, 0], [0, 0, 3, 3, 3, 3, 3, 3]])
@@ -32,10 +32,11 @@ def test_next_token_loss_matches_loop_and_skips_document_boundaries():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 8, 11)).astype(np.float32)
     tokens = rng.integers(0, 11, size=(2, 8))
-    loss, count = next_token_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(SEGMENTS),
-                                  jnp.asarray(LOSS_MASK))
+    loss = next_token_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(SEGMENTS),
+                           jnp.asarray(LOSS_MASK))
     expected, expected_count = _loop_loss(logits, tokens, SEGMENTS, LOSS_MASK, 1)
-    assert int(count) == expected_count == 9  # 5 + 4 targets inside documents with the mask on
+    assert int(count_targets(jnp.asarray(SEGMENTS), jnp.asarray(LOSS_MASK), [1])[0]) == expected_count
+    assert expected_count == 9  # 5 + 4 targets inside documents with the mask on
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 

@@ -6,44 +6,57 @@ equal and non-zero) and the loss mask is on at the target (SFT: response tokens 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 
-def _masked_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, valid_BxT: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-    """(mean negative log-likelihood over valid targets, number of valid targets)."""
+def _nll_sum(logits_BxTxV: jax.Array, targets_BxT: jax.Array, valid_BxT: jax.Array) -> jax.Array:
+    """Summed negative log-likelihood over the valid targets."""
     log_probs = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
     nll_BxT = -jnp.take_along_axis(log_probs, targets_BxT[..., None], axis=-1)[..., 0]
-    count = valid_BxT.sum()
-    return jnp.sum(nll_BxT * valid_BxT) / jnp.maximum(count, 1), count
+    return jnp.sum(nll_BxT * valid_BxT)
 
 
-def _shifted_targets(tokens_BxT, segment_ids_BxT, loss_mask_BxT, shift: int):
-    """Targets `shift` tokens ahead and where they are valid, for the first T - shift positions."""
+def target_mask(segment_ids_BxT: jax.Array, loss_mask_BxT: jax.Array, shift: int) -> jax.Array:
+    """Where the token `shift` ahead of each of the first T - shift positions is a valid target."""
     same_document = segment_ids_BxT[:, shift:] == segment_ids_BxT[:, :-shift]
-    valid = same_document & (segment_ids_BxT[:, shift:] != 0) & (loss_mask_BxT[:, shift:] != 0)
-    return tokens_BxT[:, shift:], valid
+    return same_document & (segment_ids_BxT[:, shift:] != 0) & (loss_mask_BxT[:, shift:] != 0)
+
+
+def count_targets(segment_ids_BxT: jax.Array, loss_mask_BxT: jax.Array, shifts: Sequence[int]
+                  ) -> jax.Array:
+    """Valid targets per shift `[len(shifts)]`: the normalisers of a whole (accumulated) batch."""
+    return jnp.stack([target_mask(segment_ids_BxT, loss_mask_BxT, s).sum() for s in shifts])
 
 
 def next_token_loss(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                    loss_mask_BxT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Cross-entropy of position i predicting token i + 1: (mean loss, number of targets)."""
+                    loss_mask_BxT: jax.Array | None = None, normalizer: jax.Array | None = None
+                    ) -> jax.Array:
+    """Cross-entropy of position i predicting token i + 1, summed over valid targets and divided
+    by `normalizer` (default: this batch's target count; pass the whole step's count when
+    accumulating microbatches, so their sum is the full batch's mean)."""
     if loss_mask_BxT is None:
         loss_mask_BxT = jnp.ones_like(tokens_BxT)
-    targets, valid = _shifted_targets(tokens_BxT, segment_ids_BxT, loss_mask_BxT, 1)
-    return _masked_nll(logits_BxTxV[:, :-1], targets, valid)
+    valid = target_mask(segment_ids_BxT, loss_mask_BxT, 1)
+    normalizer = valid.sum() if normalizer is None else normalizer
+    return _nll_sum(logits_BxTxV[:, :-1], tokens_BxT[:, 1:], valid) / jnp.maximum(normalizer, 1)
 
 
 def mtp_loss(mtp_logits_DxBxTxV: jax.Array, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array,
-             loss_mask_BxT: jax.Array | None = None) -> jax.Array:
+             loss_mask_BxT: jax.Array | None = None, normalizers_D: jax.Array | None = None
+             ) -> jax.Array:
     """DeepSeek-V3 eq. 24-25 without λ: the mean over depths k = 1..D of the cross-entropy of
     depth k's logits at position i against token i + k + 1 (segments being contiguous, equal
-    segment ids at i and i + k + 1 mean the whole span is one document)."""
+    segment ids at i and i + k + 1 mean the whole span is one document). `normalizers_D` as in
+    `next_token_loss`, one per depth."""
     if loss_mask_BxT is None:
         loss_mask_BxT = jnp.ones_like(tokens_BxT)
-    losses = []
-    for k in range(1, mtp_logits_DxBxTxV.shape[0] + 1):
-        targets, valid = _shifted_targets(tokens_BxT, segment_ids_BxT, loss_mask_BxT, k + 1)
-        losses.append(_masked_nll(mtp_logits_DxBxTxV[k - 1][:, : -(k + 1)], targets, valid)[0])
+    depth = mtp_logits_DxBxTxV.shape[0]
+    if normalizers_D is None:
+        normalizers_D = count_targets(segment_ids_BxT, loss_mask_BxT, range(2, depth + 2))
+    losses = [_nll_sum(mtp_logits_DxBxTxV[k - 1][:, : -(k + 1)], tokens_BxT[:, k + 1:],
+                       target_mask(segment_ids_BxT, loss_mask_BxT, k + 1))
+              / jnp.maximum(normalizers_D[k - 1], 1) for k in range(1, depth + 1)]
     return jnp.mean(jnp.stack(losses))
