@@ -85,3 +85,10 @@ def test_rl_prompts_left_padded_and_sharded_by_process():
         assert TOKENIZER.decode(batch["prompt_tokens"][row][valid]) == "<bos>" + TASK.prompt(problem, "compact")
     with pytest.raises(ValueError, match="prompt_len"):
         next(iter(rl_prompt_batches(TASK, TOKENIZER, seed=0, batch_size=2, prompt_len=8)))
+
+
+def test_examples_longer_than_a_row_are_truncated():
+    examples = task_examples(make_task("arithmetic", min_digits=3, max_digits=3), TOKENIZER, seed=0)
+    batch = next(iter(packed_batches(examples, seq_len=24, batch_size=2, seed=0)))
+    assert batch["tokens"].shape == (2, 24)
+    assert TOKENIZER.decode(batch["tokens"][0][batch["segment_ids"][0] == 1]).startswith("<bos>")

@@ -69,7 +69,9 @@ def packed_batches(examples: grain.MapDataset, *, seq_len: int, batch_size: int,
     (restarting per document) and `loss_mask` `[batch_size, seq_len]`; this process reads only
     its `1/process_count` of the stream."""
     dataset = examples.shuffle(seed=seed) if shuffle else examples
-    dataset = _process_shard(dataset, process_index, process_count).to_iter_dataset()
+    dataset = _process_shard(dataset, process_index, process_count)
+    # The packer rejects an example longer than a row: cut it to the row (its tail is lost).
+    dataset = dataset.map(lambda example: {k: v[:seq_len] for k, v in example.items()}).to_iter_dataset()
     packed = grain_experimental.FirstFitPackIterDataset(
         dataset, length_struct={"tokens": seq_len, "loss_mask": seq_len},
         num_packing_bins=batch_size, shuffle_bins=False)
