@@ -101,9 +101,8 @@ def ep_dispatch_experts(x_NxD: jax.Array, expert_idx_NxK: jax.Array, weights_NxK
         row_copy_R = place_rows(copies, row_base, n_ep * capacity, capacity)
         row_token_R, row_weight_R = row_tokens_and_weights(row_copy_R, weights_NxK)
         n_copies = idx_NxK.size
-        local_expert_R = jnp.where(row_copy_R < n_copies,
-                                   idx_NxK.T.reshape(-1).at[row_copy_R].get(mode="fill", fill_value=0)
-                                   % n_local_experts, 0)
+        # Empty rows (copy id N*K) read the fill value: expert 0, masked out on arrival.
+        local_expert_R = idx_NxK.T.reshape(-1).at[row_copy_R].get(mode="fill", fill_value=0) % n_local_experts
         send_x = gather_rows(x_NxD, row_token_R).reshape(n_ep, capacity, -1)
         send_meta = jnp.stack([local_expert_R, (row_copy_R < n_copies).astype(jnp.int32)], -1)
         # 2. Exchange: row block j goes to the device holding expert shard j.
