@@ -17,6 +17,8 @@ setup(
         "numpy",
         "absl-py",
         "tokenizers",
+        "tensorboardX",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest", "ruff"]},
 )

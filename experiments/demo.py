@@ -2,7 +2,7 @@
 
     python experiments/demo.py                          # tiny-moe on CPU
     python experiments/demo.py --config=deepseek-v3     # real shapes: counted, not allocated
-    python experiments/demo.py --config.moe_dispatch=capacity --config.top_k=4
+    python experiments/demo.py --config.model.moe_dispatch=capacity --config.model.top_k=4
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from moe_jax.parallel import init_sharded, make_mesh, use_mesh
 from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
 
 config_flags.define_config_flags()
-flags.DEFINE_integer("seq_len", 64, "sequence length for FLOPs and the forward pass")
-flags.DEFINE_integer("batch", 4, "batch size of the forward pass")
 flags.DEFINE_float("max_forward_params", 2e9, "skip the forward pass above this many parameters")
 flags.DEFINE_string("mesh", None, "device mesh, e.g. 'data=2,expert=4' or 'auto'; unset = one device")
 define_distributed_flags()
@@ -42,23 +40,24 @@ def _human(n: float) -> str:
 def main(argv: list[str]) -> None:
     del argv
     initialize_from_flags()
-    cfg = config_flags.config_from_flags()
+    experiment = config_flags.config_from_flags()
+    cfg, seq_len, batch = experiment.model, experiment.seq_len, experiment.batch_size
     params = count_params(cfg)
-    flops = flops_per_token(cfg, FLAGS.seq_len)
+    flops = flops_per_token(cfg, seq_len)
     print(f"model {cfg.name}: {cfg.attention.upper()} attention, "
           + (f"{cfg.n_routed_experts} routed (top-{cfg.top_k}) + {cfg.n_shared_experts} shared "
              f"experts from layer {cfg.first_k_dense}" if cfg.is_moe else "dense MLP"))
     for name, value in params.items():
         print(f"  params/{name:<24} {_human(value):>10}")
     for name, value in flops.items():
-        print(f"  train_flops_per_token/{name:<12} {_human(value):>10}  (seq_len {FLAGS.seq_len})")
+        print(f"  train_flops_per_token/{name:<12} {_human(value):>10}  (seq_len {seq_len})")
     print(f"  kv_cache_bytes_per_token   {cache_bytes_per_token(cfg, jnp.bfloat16):>10,d}  (bf16)")
     if params["total"] + params["mtp"] > FLAGS.max_forward_params:
         print(f"forward pass skipped: {_human(params['total'])} parameters "
               f"> --max_forward_params={_human(FLAGS.max_forward_params)}")
         return
 
-    tokens = jax.random.randint(jax.random.key(1), (FLAGS.batch, FLAGS.seq_len), 0, cfg.vocab_size)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq_len), 0, cfg.vocab_size)
     mesh = make_mesh(FLAGS.mesh) if FLAGS.mesh else None
     with use_mesh(mesh) if mesh else contextlib.nullcontext():
         def make_model() -> Transformer:  # Rngs made inside, so each trace gets its own
@@ -85,4 +84,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_flags.parse_flags)

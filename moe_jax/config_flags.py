@@ -1,9 +1,13 @@
-"""absl flags for a `ModelConfig`: `--config=<preset name | file.json>` plus one
-`--config.<field>=<value>` override flag per dataclass field.
+"""absl flags for an `ExperimentConfig`, with ml_collections `config_flags` semantics:
+`--config=<model preset name | config.json>` picks the base, and `--config.<field>=<value>` /
+`--config.model.<field>=<value>` override any field, typed and validated.
 
     config_flags.define_config_flags()
     ...
-    cfg = config_flags.config_from_flags()   # validated: a bad value fails before anything runs
+    app.run(main, flags_parser=config_flags.parse_flags)   # unknown fields list the valid ones
+    cfg = config_flags.config_from_flags()                 # a bad value fails before anything runs
+
+Precedence: the script's defaults < the preset or file < the override flags.
 """
 
 from __future__ import annotations
@@ -11,14 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import types
 import typing
+from typing import Any
 
 from absl import app, flags
 
 from moe_jax.configs import ModelConfig, get_preset, list_presets
+from moe_jax.train.experiment_config import ExperimentConfig, check_known
 
 _PREFIX = "config."
+_MODEL_PREFIX = "config.model."
 
 
 def _scalar_type(annotation) -> type:
@@ -32,38 +40,80 @@ def _scalar_type(annotation) -> type:
     return annotation
 
 
+def _override_fields() -> dict[str, tuple[type, str]]:
+    """Flag name -> (type, help) for every experiment field and every model field."""
+    fields = {}
+    for cls, prefix in ((ExperimentConfig, _PREFIX), (ModelConfig, _MODEL_PREFIX)):
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if field.name != "model":
+                kind = _scalar_type(hints[field.name])
+                fields[prefix + field.name] = (kind, f"override {cls.__name__}.{field.name} ({kind.__name__})")
+    return fields
+
+
 def define_config_flags(default: str = "tiny-moe", flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Define `--config` and every `--config.<field>` flag (unset overrides leave the preset's)."""
-    flags.DEFINE_string("config", default, f"preset name ({', '.join(list_presets())}) or a JSON "
-                        "file of ModelConfig fields", flag_values=flag_values)
-    hints = typing.get_type_hints(ModelConfig)
+    """Define `--config` and one override flag per field (unset overrides leave the base's)."""
+    flags.DEFINE_string("config", default, f"model preset ({', '.join(list_presets())}) or a JSON "
+                        "file: an experiment config (e.g. a workdir's config.json) or ModelConfig "
+                        "fields", flag_values=flag_values)
     definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
                 str: flags.DEFINE_string}
-    for field in dataclasses.fields(ModelConfig):
-        kind = _scalar_type(hints[field.name])
-        definers[kind](_PREFIX + field.name, None, f"override ModelConfig.{field.name} ({kind.__name__})",
-                       flag_values=flag_values)
+    for name, (kind, help_text) in _override_fields().items():
+        definers[kind](name, None, help_text, flag_values=flag_values)
 
 
-def load_config(name_or_path: str) -> ModelConfig:
-    """A preset by name, or a JSON file of fields (e.g. a workdir's `config.json`)."""
-    if os.path.exists(name_or_path):
-        with open(name_or_path) as f:
-            fields = json.load(f)
-        fields = fields.get("model", fields)
-        unknown = set(fields) - {f.name for f in dataclasses.fields(ModelConfig)}
-        if unknown:
-            raise ValueError(f"{name_or_path}: unknown ModelConfig fields {sorted(unknown)}")
-        return ModelConfig(**fields)
-    return get_preset(name_or_path)
+def _unknown_config_flags(argv: list[str]) -> list[str]:
+    known = set(_override_fields())
+    unknown = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        name = arg.lstrip("-").split("=", 1)[0]
+        if name.startswith("no" + _PREFIX):
+            name = name[2:]
+        if name.startswith(_PREFIX) and name not in known:
+            unknown.append(name)
+    return unknown
 
 
-def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ModelConfig:
-    """The `--config` preset with every `--config.<field>` override applied and validated; a bad
-    value is reported as a usage error naming the field, before anything is built."""
-    overrides = {f.name: flag_values[_PREFIX + f.name].value for f in dataclasses.fields(ModelConfig)
-                 if flag_values[_PREFIX + f.name].present}
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but an unknown `--config.<field>` is reported with the list of valid fields
+    (pass as `app.run(main, flags_parser=config_flags.parse_flags)`)."""
+    unknown = _unknown_config_flags(argv)
+    if unknown:
+        prefix = _MODEL_PREFIX if all(u.startswith(_MODEL_PREFIX) for u in unknown) else _PREFIX
+        valid = [name.removeprefix("config.") for name in _override_fields() if name.startswith(prefix)]
+        sys.stderr.write(f"FATAL Flags parsing error: unknown config field(s) {unknown}.\n"
+                         f"Valid fields: {', '.join(valid)}\n")
+        sys.exit(1)
+    return app.parse_flags_with_usage(argv)
+
+
+def load_base(name_or_path: str, defaults: dict[str, Any]) -> ExperimentConfig:
+    """The script's `defaults` with a model preset by name, or updated from a JSON file that holds
+    either an experiment config (`{"model": {...}, "steps": ...}`) or bare ModelConfig fields."""
+    if not os.path.exists(name_or_path):
+        return ExperimentConfig(model=get_preset(name_or_path), **defaults)
+    with open(name_or_path) as f:
+        fields = json.load(f)
+    if "model" not in fields:
+        check_known(ModelConfig, fields)
+        fields = {"model": fields}
+    return ExperimentConfig.from_dict({**defaults, **fields})
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
+                      defaults: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The base config with every set override flag applied and the result validated; a bad
+    value is a usage error naming the field, raised before anything is built."""
+    overrides = {name.removeprefix(_PREFIX): flag_values[name].value for name in _override_fields()
+                 if flag_values[name].present}
+    model_overrides = {k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")}
+    top_overrides = {k: v for k, v in overrides.items() if not k.startswith("model.")}
     try:
-        return dataclasses.replace(load_config(flag_values.config), **overrides)
+        base = load_base(flag_values.config, defaults or {})
+        model = dataclasses.replace(base.model, **model_overrides)
+        return dataclasses.replace(base, model=model, **top_overrides)
     except (KeyError, ValueError) as e:
         raise app.UsageError(str(e)) from e

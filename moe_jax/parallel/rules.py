@@ -93,12 +93,15 @@ def check_divisible(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
     """NamedShardings for every variable of a (possibly abstract) state, checked against the mesh.
 
-    Every variable must carry `logical_axes` metadata."""
+    Every variable but scalars must carry `logical_axes` metadata (optimizer moments inherit it
+    from their parameter)."""
     rules = make_rules() if rules is None else rules
 
     def sharding(path, variable: nnx.Variable) -> NamedSharding:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         logical = variable.get_metadata().get("logical_axes")
+        if logical is None and not variable.get_value().shape:  # a scalar (e.g. the step count)
+            return NamedSharding(mesh, PartitionSpec())
         if logical is None:
             raise ValueError(f"{name} has no logical_axes metadata; create it with make_param")
         spec = logical_to_spec(logical, rules)

@@ -13,11 +13,12 @@ from jax.sharding import Mesh
 
 from moe_jax.parallel.rules import Rules, state_shardings
 
-M = TypeVar("M", bound=nnx.Module)
+M = TypeVar("M")  # a Module, or a tuple of them (e.g. a model and its optimizer)
 
 
 def init_sharded(make_module: Callable[[], M], mesh: Mesh, rules: Rules | None = None) -> M:
-    """`make_module()` (e.g. `lambda: Transformer(cfg, rngs=nnx.Rngs(0))`) built shard by shard.
+    """`make_module()` (e.g. `lambda: Transformer(cfg, rngs=nnx.Rngs(0))`, or a function returning
+    a model and its `nnx.Optimizer`) built shard by shard.
 
     Shardings are checked against the mesh before anything is compiled."""
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make_module))

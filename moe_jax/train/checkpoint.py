@@ -1,7 +1,10 @@
 """Orbax checkpoints of a training run: the model + optimizer state (with the router biases and
 the optimizer's step), the data iterator's state and any JSON-able extras, every N steps, keeping
 the last K. Orbax writes each step to a temporary directory and renames it when complete, so a
-crash or kill mid-save never damages the last good checkpoint."""
+crash or kill mid-save never damages the last good checkpoint.
+
+Layout: `<workdir>/checkpoints/<step>/{model,optimizer,data}`; the run's `config.json` sits in
+the workdir beside them."""
 
 from __future__ import annotations
 
@@ -11,6 +14,24 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+CHECKPOINT_DIR = "checkpoints"  # inside a run's workdir
+
+
+def _target(abstract_state: nnx.State) -> dict:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(abstract_state))
+
+
+def checkpoint_location(path: str) -> tuple[str, int | None]:
+    """(checkpoint directory, step or None for the latest) of what `--init_from` names: a run's
+    workdir, its `checkpoints/` directory, or one step's directory inside it."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        return os.path.join(path, CHECKPOINT_DIR), None
+    name = os.path.basename(path)
+    if name.isdigit():
+        return os.path.dirname(path), int(name)
+    return path, None
 
 
 class Checkpointer:
@@ -26,9 +47,13 @@ class Checkpointer:
 
     def save(self, step: int, state: nnx.State, data_state: dict[str, Any], *, force: bool = False
              ) -> bool:
-        """Start saving (if `step` is due or `force`); returns whether a save was started."""
+        """Start saving the train step's `(model, optimizer)` state (if `step` is due or `force`);
+        returns whether a save was started. Model and optimizer are separate items, so a later
+        stage can load the model alone (`restore_model`)."""
+        model_state, optimizer_state = state[0], state[1]
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+            model=ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
+            optimizer=ocp.args.StandardSave(nnx.to_pure_dict(optimizer_state)),
             data=ocp.args.JsonSave(data_state)), force=force)
 
     def restore(self, abstract_state: nnx.State, step: int | None = None
@@ -38,12 +63,24 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(abstract_state))
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+            model=ocp.args.StandardRestore(_target(abstract_state[0])),
+            optimizer=ocp.args.StandardRestore(_target(abstract_state[1])),
+            data=ocp.args.JsonRestore()))
         state = jax.tree.map(lambda x: x, abstract_state)  # a copy: the caller's state stays intact
-        nnx.replace_by_pure_dict(state, restored["state"])
+        nnx.replace_by_pure_dict(state, {0: restored["model"], 1: restored["optimizer"]})
         return step, state, restored["data"]
+
+    def restore_model(self, abstract_model_state: nnx.State, step: int | None = None) -> nnx.State:
+        """Only the model (parameters and router biases) of `step` (default: the latest)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_target(abstract_model_state))))
+        state = jax.tree.map(lambda x: x, abstract_model_state)
+        nnx.replace_by_pure_dict(state, restored["model"])
+        return state
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""

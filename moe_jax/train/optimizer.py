@@ -10,8 +10,9 @@ import optax
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
                            final_fraction: float = 0.1) -> optax.Schedule:
     """0 → `peak` linearly over `warmup_steps`, then cosine down to `final_fraction · peak`."""
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1),
-                                              max(total_steps, warmup_steps + 1), peak * final_fraction)
+    warmup_steps = max(warmup_steps, 1)  # optax needs at least one warmup and one decay step
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1),
+                                              peak * final_fraction)
 
 
 def decay_mask(params):

@@ -1,0 +1,42 @@
+"""What every training entry point shares: the run flags (`--workdir`, `--mesh`, `--init_from`,
+the multi-process flags) and the call into the loop, so `experiments/*.py` stay a few lines."""
+
+from __future__ import annotations
+
+import json
+import logging as py_logging
+
+from absl import flags, logging
+
+from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
+from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.trainer import train
+
+
+def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_string("workdir", None, "directory of the run: config, checkpoints, metrics; "
+                        "rerunning on the same workdir resumes", required=True, flag_values=flag_values)
+    flags.DEFINE_string("mesh", None, "device mesh, e.g. 'data=2,expert=4'; unset = every device on "
+                        "'data'", flag_values=flag_values)
+    flags.DEFINE_string("init_from", None, "start from the weights of another run: its workdir or one "
+                        "checkpoint directory (ignored when --workdir already has checkpoints)",
+                        flag_values=flag_values)
+    define_distributed_flags(flag_values)
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Drop INFO chatter of the checkpoint library (a dozen lines per save); keep its warnings."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def run_from_flags(cfg: ExperimentConfig, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+    """Initialise multi-process JAX if asked, train, and print the summary as one JSON line."""
+    initialize_from_flags(flag_values)
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    result = train(cfg, flag_values.workdir, mesh_spec=flag_values.mesh, init_from=flag_values.init_from)
+    print(json.dumps({"status": result["status"], "step": result["step"],
+                      **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)}}))
+    return result

@@ -1,0 +1,97 @@
+"""Autoregressive sampling with the KV cache: greedy decoding for task-accuracy evals, and
+temperature / nucleus (top-p) sampling for GRPO rollouts, which need each token's log-prob under
+the distribution it was actually drawn from (the "old policy" of the importance ratio).
+
+One prefill call writes the left-padded prompts into a cache of `P + N` slots, then a
+`jax.lax.scan` decodes one token per step, so the whole rollout is a single XLA program.
+`generate` only calls the model, never mutates it; Flax NNX 0.12 Modules are pytrees, so
+`jit_generate(model, ...)` (a plain `jax.jit`) works as is, and a caller holding a split
+`(graphdef, state)` can call `generate(nnx.merge(graphdef, state), ...)` inside its own jit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.models import kv_cache
+from moe_jax.models.transformer import Transformer
+
+GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "eos_id", "pad_id", "temperature", "top_p")
+
+
+def sampling_logits(logits_BxV: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """The logits of the distribution a token is drawn from: divided by `temperature`, with the
+    tokens outside the nucleus at -inf. The nucleus is the smallest set of most likely tokens
+    whose probability reaches `top_p` (the top token is always in it); tokens tied with its least
+    likely member are kept too, which avoids scattering a sort back to vocabulary order."""
+    scaled_BxV = logits_BxV.astype(jnp.float32) / temperature
+    if top_p >= 1.0:
+        return scaled_BxV
+    probs_BxV = jax.nn.softmax(scaled_BxV, axis=-1)
+    sorted_BxV = -jnp.sort(-probs_BxV, axis=-1)
+    in_nucleus_BxV = jnp.cumsum(sorted_BxV, axis=-1) - sorted_BxV < top_p
+    cutoff_Bx1 = jnp.min(jnp.where(in_nucleus_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(probs_BxV >= cutoff_Bx1, scaled_BxV, -jnp.inf)
+
+
+def sample_token(logits_BxV: jax.Array, key: jax.Array | None, temperature: float,
+                 top_p: float) -> tuple[jax.Array, jax.Array]:
+    """One token per row and its log-prob under the sampling distribution; `temperature == 0` is
+    greedy argmax, scored under the model's plain softmax (what an eval reports)."""
+    if temperature == 0.0:
+        token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    else:
+        filtered_BxV = sampling_logits(logits_BxV, temperature, top_p)
+        token_B = jax.random.categorical(key, filtered_BxV, axis=-1).astype(jnp.int32)
+        logp_BxV = jax.nn.log_softmax(filtered_BxV, axis=-1)
+    return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+
+
+def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_ids_BxP: jax.Array, *,
+             max_new_tokens: int, eos_id: int, pad_id: int, rng: jax.Array | None = None,
+             temperature: float = 0.0, top_p: float = 1.0) -> dict[str, jax.Array]:
+    """Continue left-padded prompts (segment id 0 = padding; every row needs >= 1 prompt token)
+    by `max_new_tokens` = N tokens.
+
+    Returns `tokens` int32 `[B, N]` (pad_id after a row's first eos), `logprobs` fp32 `[B, N]`
+    (see `sample_token`; 0 where `mask` is 0), `mask` int32 `[B, N]` (1 for generated tokens up to
+    and including eos) and `lengths` int32 `[B]`. A finished row keeps being fed, as padding
+    (segment id 0), so the batch stays rectangular without polluting router statistics.
+    `rng` is required when `temperature > 0`; step t draws with `jax.random.split(rng, N)[t]`.
+    """
+    if max_new_tokens < 1 or temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
+                         f"{max_new_tokens=}, {temperature=}, {top_p=}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling with temperature > 0 needs an rng key")
+    batch, prompt_len = prompt_tokens_BxP.shape
+    keys_N = jax.random.split(rng if rng is not None else jax.random.key(0), max_new_tokens)
+
+    cache = kv_cache.init_cache(model.cfg, batch, prompt_len + max_new_tokens)
+    logits_BxPxV, aux = model(prompt_tokens_BxP, segment_ids_BxT=prompt_segment_ids_BxP, cache=cache)
+    # Left padding puts every row's last prompt token in the last slot.
+    token_B, logp_B = sample_token(logits_BxPxV[:, -1], keys_N[0], temperature, top_p)
+    done_B = token_B == eos_id
+
+    def step(carry, key):
+        cache, token_B, done_B = carry
+        logits_Bx1xV, aux = model(token_B[:, None], segment_ids_BxT=(~done_B)[:, None].astype(jnp.int32),
+                                  cache=cache)
+        new_B, logp_B = sample_token(logits_Bx1xV[:, 0], key, temperature, top_p)
+        new_B = jnp.where(done_B, pad_id, new_B)
+        logp_B = jnp.where(done_B, 0.0, logp_B)
+        out = (new_B, logp_B, ~done_B)
+        return (aux["cache"], new_B, done_B | (new_B == eos_id)), out
+
+    first = (token_B, logp_B, jnp.ones_like(done_B))
+    _, rest = jax.lax.scan(step, (aux["cache"], token_B, done_B), keys_N[1:])
+    tokens_BxN, logprobs_BxN, mask_BxN = (
+        jnp.concatenate([a[:, None], b.T], axis=1) for a, b in zip(first, rest, strict=True))
+    mask_BxN = mask_BxN.astype(jnp.int32)
+    return {"tokens": tokens_BxN, "logprobs": logprobs_BxN.astype(jnp.float32), "mask": mask_BxN,
+            "lengths": mask_BxN.sum(axis=1)}
+
+
+jit_generate = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)

@@ -1,0 +1,93 @@
+"""The loop's eval: held-out loss on packed batches of the training distribution, and greedy task
+accuracy — the model continues held-out prompts and the task's verifier judges each completion.
+
+Held-out problems come from their own stream (`heldout_seed`), never the training one. A small
+task (2-digit arithmetic has 20k distinct problems) will repeat some training problems by chance,
+as a natural-language benchmark does with a web corpus; accuracy still measures the skill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from moe_jax.data.pipelines import packed_batches, problem_at, task_examples
+from moe_jax.data.tasks import Task
+from moe_jax.data.template import parse_completion
+from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.models.sampler import jit_generate
+from moe_jax.parallel.distributed import global_batch_array
+from moe_jax.parallel.rules import use_mesh
+from moe_jax.train.experiment_config import ExperimentConfig
+
+HELDOUT_SEED_OFFSET = 1_000_003  # the held-out stream of seed s is the stream of s + this
+
+
+def heldout_seed(seed: int) -> int:
+    return seed + HELDOUT_SEED_OFFSET
+
+
+def left_padded_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, segment ids) `[B, P]`, P the longest prompt: every prompt ends in the last slot."""
+    width = max(map(len, prompts))
+    tokens_BxP = np.full((len(prompts), width), pad_id, np.int32)
+    segment_ids_BxP = np.zeros((len(prompts), width), np.int32)
+    for row, ids in enumerate(prompts):
+        tokens_BxP[row, width - len(ids):] = ids
+        segment_ids_BxP[row, width - len(ids):] = 1
+    return tokens_BxP, segment_ids_BxP
+
+
+def completion_text(tokenizer: Tokenizer, ids: np.ndarray) -> str:
+    """The text of generated ids up to (not including) the first eos."""
+    ids = list(map(int, ids))
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids, skip_special=True)
+
+
+class Evaluator:
+    """`evaluator(model) -> {"eval/loss", "eval/accuracy", "eval/format", ...}`."""
+
+    def __init__(self, cfg: ExperimentConfig, task: Task, tokenizer: Tokenizer,
+                 eval_step: Callable[[nnx.State, dict], dict], mesh: Mesh):
+        self.cfg, self.task, self.tokenizer, self.eval_step, self.mesh = cfg, task, tokenizer, eval_step, mesh
+        seed = heldout_seed(cfg.seed)
+        examples = task_examples(task, tokenizer, seed=seed, error_rate=cfg.error_rate,
+                                 template=cfg.template, loss_on_prompt=cfg.loss_on_prompt)
+        stream = iter(packed_batches(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(),
+                                     seed=seed, shuffle=False))
+        self.batches = [next(stream) for _ in range(cfg.eval_batches)]
+        self.problems = [problem_at(task, seed, i) for i in range(cfg.eval_problems)]
+        self.prompts = left_padded_prompts(
+            [tokenizer.encode(task.prompt(p, cfg.template), add_bos=True) for p in self.problems],
+            tokenizer.pad_id)
+
+    def loss(self, model_state: nnx.State) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for batch in self.batches:
+            metrics = self.eval_step(model_state, {k: global_batch_array(v, self.mesh) for k, v in batch.items()})
+            for name, value in metrics.items():
+                if np.ndim(value) == 0:
+                    totals[name] = totals.get(name, 0.0) + float(value) / len(self.batches)
+        return {f"eval/{name}": value for name, value in totals.items()}
+
+    def completions(self, model: nnx.Module) -> list[str]:
+        """Greedy completions of the held-out prompts."""
+        with use_mesh(self.mesh):
+            out = jit_generate(model, *self.prompts, max_new_tokens=self.cfg.eval_max_new_tokens,
+                               eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+        tokens_BxN = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))
+        return [completion_text(self.tokenizer, row) for row in tokens_BxN]
+
+    def __call__(self, model: nnx.Module) -> dict[str, float]:
+        texts = self.completions(model)
+        correct = [self.task.verify(p, text) for p, text in zip(self.problems, texts, strict=True)]
+        well_formed = [parse_completion(text).format_ok for text in texts]
+        return {**self.loss(nnx.state(model)), "eval/accuracy": float(np.mean(correct)),
+                "eval/format": float(np.mean(well_formed))}

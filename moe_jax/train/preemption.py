@@ -1,0 +1,40 @@
+"""Notice of preemption: SIGTERM (what schedulers and `kill` send before SIGKILL) asks the loop to
+checkpoint and leave at the end of the current step instead of dying mid-step.
+
+On a multi-process run JAX's own preemption service (started by `jax.distributed.initialize`)
+catches the signal and agrees on a common step (`CheckpointManager.reached_preemption`); a Python
+handler there would take the signal away from it, so this one is installed only when the run is a
+single process.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Self
+
+import jax
+
+
+class PreemptionWatcher:
+    """`with PreemptionWatcher() as watcher: ... if watcher.requested: save and stop`."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        self.requested = True
+
+    def __enter__(self) -> Self:
+        # Signal handlers can only be set from the main thread (not, e.g., a notebook worker).
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

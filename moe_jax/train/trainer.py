@@ -1,0 +1,231 @@
+"""The training loop shared by pretraining and SFT: `train(cfg, workdir)`.
+
+A run lives in its workdir: `config.json`, `checkpoints/<step>/`, `metrics.jsonl`, TensorBoard
+events and `metrics.png`. Running the same command again resumes from the latest checkpoint
+(model, optimizer, router biases, step and the data iterator's position), so a run killed at any
+moment and resumed computes the same per-step losses as one that never stopped. A workdir whose
+`config.json` disagrees with the new config is refused.
+
+The loop dispatches step N before it fetches step N-1's metrics, so the host never stalls the
+device for logging; it syncs only to checkpoint or evaluate, and checks the loss of every step up
+to N before step N's state is saved, so a NaN state is never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from absl import logging
+from flax import nnx
+
+from moe_jax.configs import flops_per_token
+from moe_jax.data.pipelines import packed_batches, task_examples
+from moe_jax.data.tasks import make_task
+from moe_jax.data.tokenizer import load_tokenizer
+from moe_jax.models import Transformer
+from moe_jax.parallel import init_sharded, make_mesh
+from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
+from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, checkpoint_location
+from moe_jax.train.evaluation import Evaluator
+from moe_jax.train.experiment_config import ExperimentConfig, config_differences, parse_task_options
+from moe_jax.train.metrics import METRICS_FILE, MetricsWriter, mfu, plot_metrics
+from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from moe_jax.train.preemption import PreemptionWatcher
+from moe_jax.train.progress import Progress
+from moe_jax.train.step import make_eval_step, make_train_step
+
+CONFIG_FILE = "config.json"
+PLOT_FILE = "metrics.png"
+# `hook(step, state)` runs after step N is dispatched (e.g. a custom probe, or a test's kill).
+Hook = Callable[[int, nnx.State], None]
+
+
+class ConfigConflictError(ValueError):
+    """The workdir holds a run whose config differs from the one asked for."""
+
+
+def check_workdir_config(cfg: ExperimentConfig, workdir: str) -> None:
+    """Refuse to mix runs: a saved `config.json` must agree with `cfg` (cadence fields aside)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    differences = config_differences(saved, cfg.to_dict())
+    if differences:
+        raise ConfigConflictError(
+            f"{workdir} holds a run with a different config:\n  " + "\n  ".join(differences)
+            + f"\nFix: resume it with its own config (--config={path}), or give this run a new "
+              "--workdir (--init_from=<that workdir> starts from its weights)")
+
+
+def write_json_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def resolve_compute_dtype(name: str) -> str:
+    """'auto': bf16 activations on GPU/TPU (params stay fp32, the master weights), fp32 on CPU."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
+    """Device metrics to Python numbers; per-layer router stats also get their mean."""
+    host = {}
+    for name, value in jax.device_get(metrics).items():
+        if getattr(value, "ndim", 0) == 0:
+            host[name] = float(value)
+        else:
+            host[name] = [float(v) for v in value]
+            host[f"{name}_mean"] = float(value.mean())
+    return host
+
+
+def _check_finite(step: int, metrics: dict[str, Any], last_good: int | None) -> None:
+    for name in ("loss", "grad_norm"):
+        if not math.isfinite(metrics[name]):
+            raise FloatingPointError(
+                f"step {step}: {name} is {metrics[name]}; stopping without saving this state (the last "
+                f"good checkpoint is step {last_good}). Fix: lower learning_rate or raise warmup_steps, "
+                "then rerun (it resumes from that checkpoint)")
+
+
+def _load_init_from(model: Transformer, init_from: str) -> None:
+    directory, step = checkpoint_location(init_from)
+    checkpointer = Checkpointer(directory, save_every=1)
+    try:
+        nnx.update(model, checkpointer.restore_model(nnx.state(model), step))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"--init_from={init_from}: its model does not fit config.model ({e}). Fix: "
+                         "give config.model the architecture of the run it came from") from e
+    finally:
+        checkpointer.close()
+    logging.info("initialised the model from %s (step %s)", directory, step or "latest")
+
+
+def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
+          init_from: str | None = None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Train (or resume) the run in `workdir`; returns `{"status", "step", "metrics"}` where status is
+    "finished" or "preempted" (SIGTERM: checkpointed, rerun to continue). A NaN/Inf loss raises
+    FloatingPointError. `init_from` (a workdir or checkpoint path) supplies the starting weights of
+    a new run; a workdir that already has checkpoints resumes and ignores it."""
+    os.makedirs(workdir, exist_ok=True)
+    check_workdir_config(cfg, workdir)
+    is_lead = jax.process_index() == 0
+    if is_lead:
+        write_json_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
+
+    mesh = make_mesh(mesh_spec or "auto")
+    model_cfg = dataclasses.replace(cfg.model, compute_dtype=resolve_compute_dtype(cfg.compute_dtype))
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"ExperimentConfig.model.vocab_size: {model_cfg.vocab_size} < the tokenizer's "
+                         f"{tokenizer.vocab_size} ids. Fix: --config.model.vocab_size={tokenizer.vocab_size}")
+    task = make_task(cfg.task, **parse_task_options(cfg.task_options))
+    optimizer_tx = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                                  weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
+
+    def make_model_and_optimizer():  # Rngs made inside: the initialiser is traced under jit
+        model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
+        return model, nnx.Optimizer(model, optimizer_tx, wrt=nnx.Param)
+
+    model, optimizer = init_sharded(make_model_and_optimizer, mesh)
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=cfg.checkpoint_every,
+                                keep=cfg.keep_checkpoints)
+    if init_from and checkpointer.latest_step() is None:
+        _load_init_from(model, init_from)
+    train_step, state = make_train_step(model, optimizer, microbatches=cfg.microbatches, mesh=mesh)
+    model_graphdef = nnx.graphdef(model)
+    evaluator = Evaluator(cfg, task, tokenizer, make_eval_step(model, mesh=mesh), mesh)
+    del model, optimizer  # the state pytree is the truth from here on (it is donated each step)
+
+    local_rows = process_batch_slice(cfg.batch_size)
+    examples = task_examples(task, tokenizer, seed=cfg.seed, error_rate=cfg.error_rate,
+                             template=cfg.template, loss_on_prompt=cfg.loss_on_prompt)
+    train_iter = iter(packed_batches(examples, seq_len=cfg.seq_len, seed=cfg.seed,
+                                     batch_size=local_rows.stop - local_rows.start))
+    start = 0
+    restored = checkpointer.restore(state)
+    if restored is not None:
+        start, state, data_state = restored
+        train_iter.set_state(data_state["train"])
+        logging.info("resumed %s from step %d", workdir, start)
+
+    schedule = learning_rate_schedule(cfg.learning_rate, cfg.warmup_steps, cfg.steps)
+    step_flops = flops_per_token(model_cfg, cfg.seq_len)
+    flops = step_flops["total"] + step_flops["mtp"]
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    writer = MetricsWriter(workdir, resume_step=start) if is_lead else None
+    progress = Progress(cfg.steps, start_step=start, every_s=10.0)
+    status, last_metrics, step = "finished", {}, start
+    last_good = start or None
+    timer: dict[str, float | None] = {"t": None}
+
+    def fetch(step: int, device_metrics: dict) -> dict:
+        """Step `step`'s metrics on the host (waiting for it), checked finite, with lr and speed."""
+        host = _host_metrics(device_metrics)
+        _check_finite(step, host, last_good)
+        now = time.perf_counter()
+        host["lr"] = float(schedule(step - 1))
+        if timer["t"] is not None:
+            host["tokens_per_s"] = tokens_per_step / (now - timer["t"])
+            host["mfu"] = mfu(flops, host["tokens_per_s"], jax.devices())
+        timer["t"] = now
+        return host
+
+    def log(step: int, host: dict) -> dict:
+        if writer:
+            writer.write(step, host)
+        progress.update(step, host)
+        return host
+
+    pending = None  # (step, device metrics) dispatched but not yet fetched
+    try:
+        with PreemptionWatcher() as preemption:
+            for step in range(start + 1, cfg.steps + 1):
+                batch = {k: global_batch_array(v, mesh) for k, v in next(train_iter).items()}
+                data_state = train_iter.get_state()
+                state, metrics = train_step(state, batch)
+                if pending:
+                    last_metrics = log(pending[0], fetch(*pending))
+                pending = (step, metrics)
+                for hook in hooks:
+                    hook(step, state)
+                stop = preemption.requested or checkpointer.manager.reached_preemption(step)
+                final = step == cfg.steps
+                save = final or stop or step % cfg.checkpoint_every == 0
+                evaluate = final or step % cfg.eval_every == 0
+                if not (save or evaluate):
+                    continue
+                host, pending = fetch(step, metrics), None  # checks this step's loss before saving
+                if evaluate:
+                    eval_metrics = evaluator(nnx.merge(model_graphdef, state[0]))
+                    logging.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    host.update(eval_metrics)
+                last_metrics = log(step, host)
+                if save:
+                    checkpointer.save(step, state, {"train": data_state}, force=True)
+                    last_good = step
+                timer["t"] = None  # the next interval would include this sync's work
+                if stop:
+                    status = "preempted"
+                    logging.warning("preemption notice: saved step %d; rerun to resume", step)
+                    break
+    finally:
+        progress.close()
+        checkpointer.close()
+        if writer:
+            writer.close()
+    if is_lead:
+        plot_metrics(os.path.join(workdir, METRICS_FILE), os.path.join(workdir, PLOT_FILE))
+    return {"status": status, "step": step, "metrics": last_metrics}

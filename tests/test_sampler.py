@@ -1,0 +1,159 @@
+"""The KV-cache sampler against a naive reference that re-runs the full forward (no cache) on each
+row's unpadded, growing sequence."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.configs import get_preset
+from moe_jax.models import Transformer
+from moe_jax.models.sampler import jit_generate
+
+MODELS = {
+    "mla-moe": dataclasses.replace(get_preset("tiny-moe"), n_layers=2),
+    "gqa": get_preset("tiny-dense"),
+}
+PROMPTS = [[5, 17, 33, 9, 101], [42, 7], [88, 3, 250]]  # different lengths, left-padded below
+P, N, PAD, NO_EOS = 5, 6, 0, -1
+
+
+@jax.jit
+def _forward(model, tokens_BxT, segment_ids_BxT):
+    return model(tokens_BxT, segment_ids_BxT=segment_ids_BxT)[0]
+
+
+def _init_model(cfg):
+    """Every weight perturbed (on the host: cheaper than compiling a random op per shape), so that
+    unit norm scales and zero biases do not make the greedy continuations repetitive."""
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    nnx.update(model, jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + 0.1 * rng.normal(size=p.shape), p.dtype),
+                                   nnx.state(model, nnx.Param)))
+    return model
+
+
+class Setup:
+    """A model, left-padded prompts, and their greedy continuation by the sampler and the reference."""
+
+    def __init__(self, cfg):
+        self.model = _init_model(cfg)
+        self.prompt_BxP = jnp.array([[PAD] * (P - len(p)) + p for p in PROMPTS], jnp.int32)
+        self.segments_BxP = jnp.array([[0] * (P - len(p)) + [1] * len(p) for p in PROMPTS], jnp.int32)
+        self.greedy = self.generate(eos_id=NO_EOS)
+        self.ref_tokens, self.ref_logprobs = self.reference_greedy()
+
+    def generate(self, **kwargs):
+        out = jit_generate(self.model, self.prompt_BxP, self.segments_BxP, max_new_tokens=N, pad_id=PAD,
+                           **kwargs)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def full_logits(self, rows):
+        """Full-forward logits `[B, P + N, V]` of unpadded rows, right-padded to one length (causal
+        attention makes the right padding invisible to the real tokens)."""
+        tokens = np.full((len(rows), P + N), PAD, np.int32)
+        segments = np.zeros_like(tokens)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)], segments[i, :len(row)] = row, 1
+        return np.asarray(_forward(self.model, jnp.asarray(tokens), jnp.asarray(segments)), np.float64)
+
+    def reference_greedy(self):
+        rows, logprobs = [list(p) for p in PROMPTS], []
+        for _ in range(N):
+            logits = self.full_logits(rows)
+            last_BxV = np.stack([logits[i, len(r) - 1] for i, r in enumerate(rows)])
+            step = np.argmax(last_BxV, -1)
+            logprobs.append(np.take_along_axis(_log_softmax(last_BxV), step[:, None], -1)[:, 0])
+            for row, t in zip(rows, step, strict=True):
+                row.append(int(t))
+        return np.array([r[-N:] for r in rows]), np.stack(logprobs, 1)
+
+    def sampled_logits(self, out):
+        """Full-forward logits `[B, N, V]` that predicted each returned token."""
+        rows = [p + list(t[:n]) for p, t, n in zip(PROMPTS, out["tokens"], out["lengths"], strict=True)]
+        logits = self.full_logits(rows)
+        return np.stack([logits[i, len(p) - 1:len(p) - 1 + N] for i, p in enumerate(PROMPTS)])
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@functools.cache
+def _setup(name):
+    return Setup(MODELS[name])
+
+
+@pytest.fixture(params=list(MODELS))
+def setup(request):
+    return _setup(request.param)
+
+
+@pytest.fixture
+def moe_setup():
+    return _setup("mla-moe")
+
+
+def test_greedy_equals_naive_full_forward(setup):
+    out = setup.greedy
+    np.testing.assert_array_equal(out["tokens"], setup.ref_tokens)
+    np.testing.assert_allclose(out["logprobs"], setup.ref_logprobs, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(out["mask"], 1)
+    np.testing.assert_array_equal(out["lengths"], N)
+    assert out["tokens"].dtype == np.int32 and out["logprobs"].dtype == np.float32
+
+
+def test_eos_stops_the_row(moe_setup):
+    ref_BxN = moe_setup.ref_tokens
+    row = next(i for i, r in enumerate(ref_BxN) if r[2] not in r[:2])
+    eos = int(ref_BxN[row, 2])  # that row's third greedy token, seen there for the first time
+    out = moe_setup.generate(eos_id=eos)
+    for i, ref in enumerate(ref_BxN):
+        stop = list(ref).index(eos) + 1 if eos in ref else N
+        np.testing.assert_array_equal(out["tokens"][i, :stop], ref[:stop])
+        np.testing.assert_array_equal(out["tokens"][i, stop:], PAD)
+        np.testing.assert_allclose(out["logprobs"][i, :stop], moe_setup.ref_logprobs[i, :stop], atol=1e-5)
+        np.testing.assert_array_equal(out["logprobs"][i, stop:], 0.0)
+        np.testing.assert_array_equal(out["mask"][i], np.arange(N) < stop)
+        assert out["lengths"][i] == stop
+    assert out["lengths"][row] == 3
+
+
+def test_temperature_logprobs_match_full_forward(moe_setup):
+    temperature = 0.7
+    out = moe_setup.generate(eos_id=NO_EOS, rng=jax.random.key(3), temperature=temperature)
+    logp_BxNxV = _log_softmax(moe_setup.sampled_logits(out) / temperature)
+    expected = np.take_along_axis(logp_BxNxV, out["tokens"][..., None], -1)[..., 0]
+    np.testing.assert_allclose(out["logprobs"], expected, rtol=0, atol=1e-5)
+    assert not np.array_equal(out["tokens"], moe_setup.ref_tokens)  # it did sample
+
+    again = moe_setup.generate(eos_id=NO_EOS, rng=jax.random.key(3), temperature=temperature)
+    np.testing.assert_array_equal(again["tokens"], out["tokens"])
+    np.testing.assert_array_equal(again["logprobs"], out["logprobs"])
+    other = moe_setup.generate(eos_id=NO_EOS, rng=jax.random.key(4), temperature=temperature)
+    assert not np.array_equal(other["tokens"], out["tokens"])
+
+
+def test_top_p_samples_inside_the_nucleus(moe_setup):
+    temperature, top_p = 0.5, 0.3
+    out = moe_setup.generate(eos_id=NO_EOS, rng=jax.random.key(5), temperature=temperature, top_p=top_p)
+    probs_BxNxV = np.exp(_log_softmax(moe_setup.sampled_logits(out) / temperature))
+    sorted_BxNxV = -np.sort(-probs_BxNxV, -1)
+    size_BxN = (np.cumsum(sorted_BxNxV, -1) - sorted_BxNxV < top_p).sum(-1)
+    cutoff_BxN = np.take_along_axis(sorted_BxNxV, size_BxN[..., None] - 1, -1)[..., 0]
+    token_p_BxN = np.take_along_axis(probs_BxNxV, out["tokens"][..., None], -1)[..., 0]
+    assert (token_p_BxN >= cutoff_BxN - 1e-6).all()
+    assert (size_BxN < probs_BxNxV.shape[-1] // 2).all()  # the filter removes most of the vocabulary
+    mass_BxN = np.where(probs_BxNxV >= cutoff_BxN[..., None], probs_BxNxV, 0).sum(-1)
+    np.testing.assert_allclose(out["logprobs"], np.log(token_p_BxN / mass_BxN), rtol=0, atol=1e-5)
+
+
+def test_tiny_top_p_is_greedy(moe_setup):
+    out = moe_setup.generate(eos_id=NO_EOS, rng=jax.random.key(6), temperature=1.0, top_p=1e-6)
+    np.testing.assert_array_equal(out["tokens"], moe_setup.ref_tokens)
+    np.testing.assert_allclose(out["logprobs"], 0.0, atol=1e-6)  # the nucleus is one token
