@@ -1,12 +1,16 @@
 """Test session setup: 8 simulated CPU devices, set before JAX is imported."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, inherited by the subprocesses the tests start:
+# the training-loop tests compile the same step in several runs and processes. Only compilations
+# over a second are stored (JAX's default), so the many tiny eager ops stay out of it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="moe_jax_jit_cache_"))
 
-import jax
-
-# References run in float64; the library's fp32 matmuls must be true fp32 to compare at 1e-5.
-jax.config.update("jax_default_matmul_precision", "highest")
+# References run in float64; the library's fp32 matmuls must be true fp32 to compare at 1e-5
+# (an environment variable, so the subprocesses compute exactly as the test process does).
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 

@@ -140,10 +140,18 @@ def test_conflicting_config_is_refused_but_cadence_may_change(tmp_path):
     assert "model.top_k: 2 (saved) -> 1" in str(error.value)
 
 
-def test_init_from_loads_the_weights_of_another_run(uninterrupted, tmp_path):
-    # A near-zero step (and no router-bias step) away from the source's final weights.
-    cfg = dataclasses.replace(CFG, steps=1, eval_every=1, learning_rate=1e-9, warmup_steps=0,
-                              model=dataclasses.replace(CFG.model, router_bias_rate=0.0))
-    result = train(cfg, str(tmp_path / "sft"), init_from=uninterrupted[0])
-    reference_eval = read_metrics(os.path.join(uninterrupted[0], "metrics.jsonl"))[-1]
-    np.testing.assert_allclose(result["metrics"]["eval/loss"], reference_eval["eval/loss"], rtol=1e-4)
+def test_sft_init_from_starts_at_the_weights_of_another_run(uninterrupted, config_file, tmp_path):
+    """sft.py from the pretrained run, with one near-zero step (and no router-bias step), scored on
+    the pretraining eval data: the same held-out loss as the source's final weights."""
+    workdir = str(tmp_path / "sft")
+    out = subprocess.run(
+        [sys.executable, "experiments/sft.py", f"--workdir={workdir}", f"--config={config_file}",
+         f"--init_from={uninterrupted[0]}", "--config.steps=1", "--config.eval_every=1",
+         "--config.learning_rate=1e-9", "--config.warmup_steps=0", "--config.model.router_bias_rate=0",
+         "--config.loss_on_prompt=true", f"--config.error_rate={CFG.error_rate}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    source = read_metrics(os.path.join(uninterrupted[0], "metrics.jsonl"))[-1]
+    np.testing.assert_allclose(summary["eval/loss"], source["eval/loss"], rtol=1e-4)
+

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
 from moe_jax.configs import flops_per_token
 from moe_jax.data.pipelines import packed_batches, task_examples
@@ -79,6 +80,20 @@ def resolve_compute_dtype(name: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def init_model_and_optimizer(cfg: ExperimentConfig, mesh: Mesh) -> tuple[Transformer, nnx.Optimizer]:
+    """The model (compute dtype resolved for this platform) and its AdamW optimizer, created
+    directly in their shardings over `mesh`."""
+    model_cfg = dataclasses.replace(cfg.model, compute_dtype=resolve_compute_dtype(cfg.compute_dtype))
+    optimizer_tx = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                                  weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
+
+    def make_model_and_optimizer():  # Rngs made inside: the initialiser is traced under jit
+        model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
+        return model, nnx.Optimizer(model, optimizer_tx, wrt=nnx.Param)
+
+    return init_sharded(make_model_and_optimizer, mesh)
+
+
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     """Device metrics to Python numbers; per-layer router stats also get their mean."""
     host = {}
@@ -126,20 +141,13 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
         write_json_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
 
     mesh = make_mesh(mesh_spec or "auto")
-    model_cfg = dataclasses.replace(cfg.model, compute_dtype=resolve_compute_dtype(cfg.compute_dtype))
     tokenizer = load_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"ExperimentConfig.model.vocab_size: {model_cfg.vocab_size} < the tokenizer's "
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"ExperimentConfig.model.vocab_size: {cfg.model.vocab_size} < the tokenizer's "
                          f"{tokenizer.vocab_size} ids. Fix: --config.model.vocab_size={tokenizer.vocab_size}")
     task = make_task(cfg.task, **parse_task_options(cfg.task_options))
-    optimizer_tx = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                                  weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
-
-    def make_model_and_optimizer():  # Rngs made inside: the initialiser is traced under jit
-        model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
-        return model, nnx.Optimizer(model, optimizer_tx, wrt=nnx.Param)
-
-    model, optimizer = init_sharded(make_model_and_optimizer, mesh)
+    model, optimizer = init_model_and_optimizer(cfg, mesh)
+    model_cfg = model.cfg
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=cfg.checkpoint_every,
                                 keep=cfg.keep_checkpoints)
     if init_from and checkpointer.latest_step() is None:
