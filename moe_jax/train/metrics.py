@@ -29,7 +29,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 # Keys `plot_metrics` draws by default, in this order, followed by every `eval/...` key.
-DEFAULT_PLOT_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "maxvio")
+DEFAULT_PLOT_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "maxvio_mean")
 
 
 def _to_jsonable(key: str, value: Any) -> Any:

@@ -13,6 +13,7 @@ to N before step N's state is saved, so a NaN state is never written.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -44,6 +45,7 @@ from moe_jax.train.step import make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
 PLOT_FILE = "metrics.png"
+THROUGHPUT_WINDOW = 10  # steps over which tokens/s is measured
 # `hook(step, state)` runs after step N is dispatched (e.g. a custom probe, or a test's kill).
 Hook = Callable[[int, nnx.State], None]
 
@@ -177,18 +179,17 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
     progress = Progress(cfg.steps, start_step=start, every_s=10.0)
     status, last_metrics, step = "finished", {}, start
     last_good = start or None
-    timer: dict[str, float | None] = {"t": None}
+    fetched_at: collections.deque[float] = collections.deque(maxlen=THROUGHPUT_WINDOW + 1)
 
     def fetch(step: int, device_metrics: dict) -> dict:
         """Step `step`'s metrics on the host (waiting for it), checked finite, with lr and speed."""
         host = _host_metrics(device_metrics)
         _check_finite(step, host, last_good)
-        now = time.perf_counter()
         host["lr"] = float(schedule(step - 1))
-        if timer["t"] is not None:
-            host["tokens_per_s"] = tokens_per_step / (now - timer["t"])
+        fetched_at.append(time.perf_counter())
+        if len(fetched_at) > 1:  # over a window of steps: one interval alone is jittery
+            host["tokens_per_s"] = tokens_per_step * (len(fetched_at) - 1) / (fetched_at[-1] - fetched_at[0])
             host["mfu"] = mfu(flops, host["tokens_per_s"], jax.devices())
-        timer["t"] = now
         return host
 
     def log(step: int, host: dict) -> dict:
@@ -224,7 +225,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
                 if save:
                     checkpointer.save(step, state, {"train": data_state}, force=True)
                     last_good = step
-                timer["t"] = None  # the next interval would include this sync's work
+                fetched_at.clear()  # the next interval would include this sync's work
                 if stop:
                     status = "preempted"
                     logging.warning("preemption notice: saved step %d; rerun to resume", step)
