@@ -157,3 +157,25 @@ def test_tiny_top_p_is_greedy(moe_setup):
     out = moe_setup.generate(eos_id=NO_EOS, rng=jax.random.key(6), temperature=1.0, top_p=1e-6)
     np.testing.assert_array_equal(out["tokens"], moe_setup.ref_tokens)
     np.testing.assert_allclose(out["logprobs"], 0.0, atol=1e-6)  # the nucleus is one token
+
+
+def test_top_k_samples_among_the_k_best(moe_setup):
+    temperature, top_k = 1.0, 3
+    out = moe_setup.generate(eos_id=NO_EOS, rng=jax.random.key(7), temperature=temperature, top_k=top_k)
+    logits_BxNxV = moe_setup.sampled_logits(out) / temperature
+    kth_BxN = -np.sort(-logits_BxNxV, -1)[..., top_k - 1]
+    token_logit_BxN = np.take_along_axis(logits_BxNxV, out["tokens"][..., None], -1)[..., 0]
+    assert (token_logit_BxN >= kth_BxN - 1e-5).all()
+    kept_BxNxV = np.where(logits_BxNxV >= kth_BxN[..., None], logits_BxNxV, -np.inf)
+    expected = np.take_along_axis(_log_softmax(kept_BxNxV), out["tokens"][..., None], -1)[..., 0]
+    np.testing.assert_allclose(out["logprobs"], expected, rtol=0, atol=1e-5)
+    top1 = moe_setup.generate(eos_id=NO_EOS, rng=jax.random.key(7), temperature=temperature, top_k=1)
+    np.testing.assert_array_equal(top1["tokens"], moe_setup.ref_tokens)
+
+
+def test_truncated_flags_rows_without_eos(moe_setup):
+    assert moe_setup.greedy["truncated"].all()  # no eos id at all: every row ran out of tokens
+    eos = int(moe_setup.ref_tokens[0, 1])
+    out = moe_setup.generate(eos_id=eos)
+    expected = [eos not in row for row in moe_setup.ref_tokens]
+    np.testing.assert_array_equal(out["truncated"], expected)

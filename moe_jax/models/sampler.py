@@ -17,15 +17,19 @@ import jax.numpy as jnp
 from moe_jax.models import kv_cache
 from moe_jax.models.transformer import Transformer
 
-GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "eos_id", "pad_id", "temperature", "top_p")
+GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "eos_id", "pad_id", "temperature", "top_p", "top_k")
 
 
-def sampling_logits(logits_BxV: jax.Array, temperature: float, top_p: float) -> jax.Array:
-    """The logits of the distribution a token is drawn from: divided by `temperature`, with the
-    tokens outside the nucleus at -inf. The nucleus is the smallest set of most likely tokens
-    whose probability reaches `top_p` (the top token is always in it); tokens tied with its least
-    likely member are kept too, which avoids scattering a sort back to vocabulary order."""
+def sampling_logits(logits_BxV: jax.Array, temperature: float, top_p: float, top_k: int = 0) -> jax.Array:
+    """The logits of the distribution a token is drawn from: divided by `temperature`, then the
+    tokens outside the `top_k` most likely (0 = no limit) and outside the nucleus at -inf. The
+    nucleus is the smallest set of most likely tokens whose probability reaches `top_p` (the top
+    token is always in it); tokens tied with the least likely member of either set are kept too,
+    which avoids scattering a sort back to vocabulary order."""
     scaled_BxV = logits_BxV.astype(jnp.float32) / temperature
+    if 0 < top_k < scaled_BxV.shape[-1]:
+        kth_Bx1 = jax.lax.top_k(scaled_BxV, top_k)[0][:, -1:]
+        scaled_BxV = jnp.where(scaled_BxV >= kth_Bx1, scaled_BxV, -jnp.inf)
     if top_p >= 1.0:
         return scaled_BxV
     probs_BxV = jax.nn.softmax(scaled_BxV, axis=-1)
@@ -36,14 +40,14 @@ def sampling_logits(logits_BxV: jax.Array, temperature: float, top_p: float) -> 
 
 
 def sample_token(logits_BxV: jax.Array, key: jax.Array | None, temperature: float,
-                 top_p: float) -> tuple[jax.Array, jax.Array]:
+                 top_p: float, top_k: int = 0) -> tuple[jax.Array, jax.Array]:
     """One token per row and its log-prob under the sampling distribution; `temperature == 0` is
     greedy argmax, scored under the model's plain softmax (what an eval reports)."""
     if temperature == 0.0:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     else:
-        filtered_BxV = sampling_logits(logits_BxV, temperature, top_p)
+        filtered_BxV = sampling_logits(logits_BxV, temperature, top_p, top_k)
         token_B = jax.random.categorical(key, filtered_BxV, axis=-1).astype(jnp.int32)
         logp_BxV = jax.nn.log_softmax(filtered_BxV, axis=-1)
     return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
@@ -51,19 +55,19 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array | None, temperature: floa
 
 def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_ids_BxP: jax.Array, *,
              max_new_tokens: int, eos_id: int, pad_id: int, rng: jax.Array | None = None,
-             temperature: float = 0.0, top_p: float = 1.0) -> dict[str, jax.Array]:
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> dict[str, jax.Array]:
     """Continue left-padded prompts (segment id 0 = padding; every row needs >= 1 prompt token)
     by `max_new_tokens` = N tokens.
 
     Returns `tokens` int32 `[B, N]` (pad_id after a row's first eos), `logprobs` fp32 `[B, N]`
     (see `sample_token`; 0 where `mask` is 0), `mask` int32 `[B, N]` (1 for generated tokens up to
-    and including eos) and `lengths` int32 `[B]`. A finished row keeps being fed, as padding
+    and including eos), `lengths` int32 `[B]` and `truncated` bool `[B]` (no eos within N tokens). A finished row keeps being fed, as padding
     (segment id 0), so the batch stays rectangular without polluting router statistics.
     `rng` is required when `temperature > 0`; step t draws with `jax.random.split(rng, N)[t]`.
     """
-    if max_new_tokens < 1 or temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
-                         f"{max_new_tokens=}, {temperature=}, {top_p=}")
+    if max_new_tokens < 1 or temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ValueError("need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1 and top_k >= 0, "
+                         f"got {max_new_tokens=}, {temperature=}, {top_p=}, {top_k=}")
     if temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an rng key")
     batch, prompt_len = prompt_tokens_BxP.shape
@@ -72,26 +76,26 @@ def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_id
     cache = kv_cache.init_cache(model.cfg, batch, prompt_len + max_new_tokens)
     logits_BxPxV, aux = model(prompt_tokens_BxP, segment_ids_BxT=prompt_segment_ids_BxP, cache=cache)
     # Left padding puts every row's last prompt token in the last slot.
-    token_B, logp_B = sample_token(logits_BxPxV[:, -1], keys_N[0], temperature, top_p)
+    token_B, logp_B = sample_token(logits_BxPxV[:, -1], keys_N[0], temperature, top_p, top_k)
     done_B = token_B == eos_id
 
     def step(carry, key):
         cache, token_B, done_B = carry
         logits_Bx1xV, aux = model(token_B[:, None], segment_ids_BxT=(~done_B)[:, None].astype(jnp.int32),
                                   cache=cache)
-        new_B, logp_B = sample_token(logits_Bx1xV[:, 0], key, temperature, top_p)
+        new_B, logp_B = sample_token(logits_Bx1xV[:, 0], key, temperature, top_p, top_k)
         new_B = jnp.where(done_B, pad_id, new_B)
         logp_B = jnp.where(done_B, 0.0, logp_B)
         out = (new_B, logp_B, ~done_B)
         return (aux["cache"], new_B, done_B | (new_B == eos_id)), out
 
     first = (token_B, logp_B, jnp.ones_like(done_B))
-    _, rest = jax.lax.scan(step, (aux["cache"], token_B, done_B), keys_N[1:])
+    (_, _, done_B), rest = jax.lax.scan(step, (aux["cache"], token_B, done_B), keys_N[1:])
     tokens_BxN, logprobs_BxN, mask_BxN = (
         jnp.concatenate([a[:, None], b.T], axis=1) for a, b in zip(first, rest, strict=True))
     mask_BxN = mask_BxN.astype(jnp.int32)
     return {"tokens": tokens_BxN, "logprobs": logprobs_BxN.astype(jnp.float32), "mask": mask_BxN,
-            "lengths": mask_BxN.sum(axis=1)}
+            "lengths": mask_BxN.sum(axis=1), "truncated": ~done_B}
 
 
 jit_generate = jax.jit(generate, static_argnames=GENERATE_STATIC_ARGNAMES)
