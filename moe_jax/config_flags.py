@@ -40,10 +40,10 @@ def _scalar_type(annotation) -> type:
     return annotation
 
 
-def _override_fields() -> dict[str, tuple[type, str]]:
+def _override_fields(config_class: type[ExperimentConfig] = ExperimentConfig) -> dict[str, tuple[type, str]]:
     """Flag name -> (type, help) for every experiment field and every model field."""
     fields = {}
-    for cls, prefix in ((ExperimentConfig, _PREFIX), (ModelConfig, _MODEL_PREFIX)):
+    for cls, prefix in ((config_class, _PREFIX), (ModelConfig, _MODEL_PREFIX)):
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             if field.name != "model":
@@ -52,19 +52,20 @@ def _override_fields() -> dict[str, tuple[type, str]]:
     return fields
 
 
-def define_config_flags(default: str = "tiny-moe", flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Define `--config` and one override flag per field (unset overrides leave the base's)."""
+def define_config_flags(default: str = "tiny-moe", flag_values: flags.FlagValues = flags.FLAGS, *,
+                        config_class: type[ExperimentConfig] = ExperimentConfig) -> None:
+    """Define `--config` and one override flag per field of `config_class` (e.g. `GRPOConfig`) and
+    of its model (unset overrides leave the base's)."""
     flags.DEFINE_string("config", default, f"model preset ({', '.join(list_presets())}) or a JSON "
                         "file: an experiment config (e.g. a workdir's config.json) or ModelConfig "
                         "fields", flag_values=flag_values)
     definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
                 str: flags.DEFINE_string}
-    for name, (kind, help_text) in _override_fields().items():
+    for name, (kind, help_text) in _override_fields(config_class).items():
         definers[kind](name, None, help_text, flag_values=flag_values)
 
 
-def _unknown_config_flags(argv: list[str]) -> list[str]:
-    known = set(_override_fields())
+def _unknown_config_flags(argv: list[str], known: set[str]) -> list[str]:
     unknown = []
     for arg in argv[1:]:
         if arg == "--":
@@ -77,42 +78,45 @@ def _unknown_config_flags(argv: list[str]) -> list[str]:
     return unknown
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's parser, but an unknown `--config.<field>` is reported with the list of valid fields
     (pass as `app.run(main, flags_parser=config_flags.parse_flags)`)."""
-    unknown = _unknown_config_flags(argv)
+    known = {name for name in flag_values if name.startswith(_PREFIX)}
+    unknown = _unknown_config_flags(argv, known)
     if unknown:
         prefix = _MODEL_PREFIX if all(u.startswith(_MODEL_PREFIX) for u in unknown) else _PREFIX
-        valid = [name.removeprefix("config.") for name in _override_fields() if name.startswith(prefix)]
+        valid = [name.removeprefix(_PREFIX) for name in flag_values if name.startswith(prefix)]
         sys.stderr.write(f"FATAL Flags parsing error: unknown config field(s) {unknown}.\n"
                          f"Valid fields: {', '.join(valid)}\n")
         sys.exit(1)
     return app.parse_flags_with_usage(argv)
 
 
-def load_base(name_or_path: str, defaults: dict[str, Any]) -> ExperimentConfig:
+def load_base(name_or_path: str, defaults: dict[str, Any],
+              config_class: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
     """The script's `defaults` with a model preset by name, or updated from a JSON file that holds
     either an experiment config (`{"model": {...}, "steps": ...}`) or bare ModelConfig fields."""
     if not os.path.exists(name_or_path):
-        return ExperimentConfig(model=get_preset(name_or_path), **defaults)
+        return config_class(model=get_preset(name_or_path), **defaults)
     with open(name_or_path) as f:
         fields = json.load(f)
     if "model" not in fields:
         check_known(ModelConfig, fields)
         fields = {"model": fields}
-    return ExperimentConfig.from_dict({**defaults, **fields})
+    return config_class.from_dict({**defaults, **fields})
 
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
-                      defaults: dict[str, Any] | None = None) -> ExperimentConfig:
+                      defaults: dict[str, Any] | None = None,
+                      config_class: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
     """The base config with every set override flag applied and the result validated; a bad
     value is a usage error naming the field, raised before anything is built."""
-    overrides = {name.removeprefix(_PREFIX): flag_values[name].value for name in _override_fields()
+    overrides = {name.removeprefix(_PREFIX): flag_values[name].value for name in _override_fields(config_class)
                  if flag_values[name].present}
     model_overrides = {k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")}
     top_overrides = {k: v for k, v in overrides.items() if not k.startswith("model.")}
     try:
-        base = load_base(flag_values.config, defaults or {})
+        base = load_base(flag_values.config, defaults or {}, config_class)
         model = dataclasses.replace(base.model, **model_overrides)
         return dataclasses.replace(base, model=model, **top_overrides)
     except (KeyError, ValueError) as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging as py_logging
+from collections.abc import Callable
 
 from absl import flags, logging
 
@@ -31,12 +32,14 @@ class _QuietLibraries(py_logging.Filter):
         return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def run_from_flags(cfg: ExperimentConfig, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
-    """Initialise multi-process JAX if asked, train, and print the summary as one JSON line."""
+def run_from_flags(cfg: ExperimentConfig, flag_values: flags.FlagValues = flags.FLAGS, *,
+                   train_fn: Callable[..., dict] = train) -> dict:
+    """Initialise multi-process JAX if asked, run `train_fn` (the pretrain/SFT loop by default,
+    `train_grpo` for RL) and print the summary as one JSON line."""
     initialize_from_flags(flag_values)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    result = train(cfg, flag_values.workdir, mesh_spec=flag_values.mesh, init_from=flag_values.init_from)
+    result = train_fn(cfg, flag_values.workdir, mesh_spec=flag_values.mesh, init_from=flag_values.init_from)
     print(json.dumps({"status": result["status"], "step": result["step"],
                       **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)}}))
     return result

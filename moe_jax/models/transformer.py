@@ -90,9 +90,10 @@ class Transformer(nnx.Module):
         return constrain(logits_BxTxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
-                 segment_ids_BxT: jax.Array | None = None, cache: dict | None = None
-                 ) -> tuple[jax.Array, dict]:
-        """Segment id 0 marks padding. Positions default to each segment's own count from 0; when
+                 segment_ids_BxT: jax.Array | None = None, cache: dict | None = None,
+                 mtp: bool = True) -> tuple[jax.Array, dict]:
+        """Segment id 0 marks padding. `mtp=False` skips the MTP modules (RL and scoring need
+        only the main logits). Positions default to each segment's own count from 0; when
         decoding, to the row's number of cached non-padding tokens plus that count (right for
         left-padded prompts; pass positions explicitly for anything else)."""
         cfg = self.cfg
@@ -124,7 +125,7 @@ class Transformer(nnx.Module):
         logits_BxTxV = self.logits(self.final_norm(x))
 
         aux: dict = {}
-        if self.mtp and cache is None:  # MTP is a training objective; decoding skips it
+        if self.mtp and mtp and cache is None:  # MTP is a training objective; decoding skips it
             mtp_logits, mtp_stats = self._multi_token_logits(
                 x, tokens_BxT, rope, mask_Bx1xTxS, token_mask_BxT)
             aux["mtp_logits"] = mtp_logits

@@ -55,20 +55,21 @@ class Evaluator:
     """`evaluator(model) -> {"eval/loss", "eval/accuracy", "eval/format", ...}`."""
 
     def __init__(self, cfg: ExperimentConfig, task: Task, tokenizer: Tokenizer,
-                 eval_step: Callable[[nnx.State, dict], dict], mesh: Mesh):
+                 eval_step: Callable[[nnx.State, dict], dict] | None, mesh: Mesh):
         self.cfg, self.task, self.tokenizer, self.eval_step, self.mesh = cfg, task, tokenizer, eval_step, mesh
         seed = heldout_seed(cfg.seed)
         examples = task_examples(task, tokenizer, seed=seed, error_rate=cfg.error_rate,
                                  template=cfg.template, loss_on_prompt=cfg.loss_on_prompt)
         stream = iter(packed_batches(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(),
                                      seed=seed, shuffle=False))
-        self.batches = [next(stream) for _ in range(cfg.eval_batches)]
+        self.batches = [next(stream) for _ in range(cfg.eval_batches if eval_step else 0)]
         self.problems = [problem_at(task, seed, i) for i in range(cfg.eval_problems)]
         self.prompts = left_padded_prompts(
             [tokenizer.encode(task.prompt(p, cfg.template), add_bos=True) for p in self.problems],
             tokenizer.pad_id)
 
     def loss(self, model_state: nnx.State) -> dict[str, float]:
+        """Mean held-out loss terms (none when `eval_batches` is 0)."""
         totals: dict[str, float] = {}
         for batch in self.batches:
             metrics = self.eval_step(model_state, {k: global_batch_array(v, self.mesh) for k, v in batch.items()})

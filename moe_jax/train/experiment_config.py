@@ -48,7 +48,7 @@ class ExperimentConfig:
     microbatches: int = 1  # gradient accumulation: the batch is split into this many scans
     compute_dtype: str = "auto"  # activations; "auto" = bfloat16 on GPU/TPU, float32 on CPU
     # --- the loop ---
-    eval_batches: int = 4  # held-out batches for the eval loss
+    eval_batches: int = 4  # held-out batches for the eval loss (0: accuracy only)
     eval_problems: int = 64  # held-out problems for greedy task accuracy
     eval_max_new_tokens: int = 64
     keep_checkpoints: int = 3
@@ -103,16 +103,23 @@ def parse_task_options(options: str) -> dict[str, int | float | str]:
     return parsed
 
 
-def _fail(field: str, problem: str, fix: str) -> None:
-    raise ValueError(f"ExperimentConfig.{field}: {problem}. Fix: {fix}")
+def config_error(cfg: object, field: str, problem: str, fix: str) -> ValueError:
+    """The house error: `<Config>.<field>: <problem>. Fix: <fix>`."""
+    return ValueError(f"{type(cfg).__name__}.{field}: {problem}. Fix: {fix}")
 
 
 def validate(cfg: ExperimentConfig) -> None:
     """Every cross-field constraint, checked before anything is built or compiled."""
+
+    def _fail(field: str, problem: str, fix: str) -> None:
+        raise config_error(cfg, field, problem, fix)
+
     for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "microbatches",
-                 "eval_batches", "eval_problems", "eval_max_new_tokens", "keep_checkpoints", "log_every"):
+                 "eval_problems", "eval_max_new_tokens", "keep_checkpoints", "log_every"):
         if getattr(cfg, name) < 1:
             _fail(name, f"must be >= 1, got {getattr(cfg, name)}", "use a positive value")
+    if cfg.eval_batches < 0:
+        _fail("eval_batches", f"must be >= 0, got {cfg.eval_batches}", "use 0 to skip the eval loss")
     if cfg.learning_rate <= 0:
         _fail("learning_rate", f"must be > 0, got {cfg.learning_rate}", "use e.g. 3e-3 for tiny models")
     if cfg.warmup_steps < 0:

@@ -50,7 +50,7 @@ def loss_fn(model: Transformer, batch: Batch, normalizers: jax.Array, n_microbat
     return loss, (metrics, loads)
 
 
-def _jit_over_mesh(fn: Callable, state: nnx.State, mesh: Mesh | None, *, donate: bool) -> Callable:
+def jit_over_mesh(fn: Callable, state: nnx.State, mesh: Mesh | None, *, donate: bool) -> Callable:
     """`jax.jit(fn)` for `fn(state, batch) -> (state or metrics, ...)`: with a mesh, the state keeps
     its rule-given shardings in and out, the batch is split over the batch axes, and tracing sees
     the mesh (so `constrain` in the model applies)."""
@@ -106,7 +106,7 @@ def make_train_step(model: Transformer, optimizer: nnx.Optimizer, *, microbatche
         metrics["grad_norm"] = optax.tree.norm(grads)
         return nnx.state((model, optimizer)), metrics
 
-    return _jit_over_mesh(step, state, mesh, donate=True), state
+    return jit_over_mesh(step, state, mesh, donate=True), state
 
 
 def make_eval_step(model: Transformer, *, mesh: Mesh | None = None
@@ -122,4 +122,4 @@ def make_eval_step(model: Transformer, *, mesh: Mesh | None = None
         _, (metrics, _) = loss_fn(model, batch, normalizers, 1, model.cfg)
         return metrics
 
-    return _jit_over_mesh(eval_step, state, mesh, donate=False)
+    return jit_over_mesh(eval_step, state, mesh, donate=False)

@@ -69,6 +69,17 @@ def check_workdir_config(cfg: ExperimentConfig, workdir: str) -> None:
               "--workdir (--init_from=<that workdir> starts from its weights)")
 
 
+def prepare_workdir(cfg: ExperimentConfig, workdir: str) -> bool:
+    """Create the workdir, refuse a conflicting saved config, write `config.json` (from process 0);
+    returns whether this process is the one that writes (process 0)."""
+    os.makedirs(workdir, exist_ok=True)
+    check_workdir_config(cfg, workdir)
+    is_lead = jax.process_index() == 0
+    if is_lead:
+        write_json_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
+    return is_lead
+
+
 def write_json_atomically(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -108,7 +119,9 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     return host
 
 
-def _check_finite(step: int, metrics: dict[str, Any], last_good: int | None) -> None:
+def check_finite(step: int, metrics: dict[str, Any], last_good: int | None) -> None:
+    """FloatingPointError when the step's loss or gradient norm is NaN/Inf (before anything of
+    that step is saved)."""
     for name in ("loss", "grad_norm"):
         if not math.isfinite(metrics[name]):
             raise FloatingPointError(
@@ -117,7 +130,7 @@ def _check_finite(step: int, metrics: dict[str, Any], last_good: int | None) -> 
                 "then rerun (it resumes from that checkpoint)")
 
 
-def _load_init_from(model: Transformer, init_from: str) -> None:
+def load_init_from(model: Transformer, init_from: str) -> None:
     directory, step = checkpoint_location(init_from)
     checkpointer = Checkpointer(directory, save_every=1)
     try:
@@ -136,12 +149,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
     "finished" or "preempted" (SIGTERM: checkpointed, rerun to continue). A NaN/Inf loss raises
     FloatingPointError. `init_from` (a workdir or checkpoint path) supplies the starting weights of
     a new run; a workdir that already has checkpoints resumes and ignores it."""
-    os.makedirs(workdir, exist_ok=True)
-    check_workdir_config(cfg, workdir)
-    is_lead = jax.process_index() == 0
-    if is_lead:
-        write_json_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
-
+    is_lead = prepare_workdir(cfg, workdir)
     mesh = make_mesh(mesh_spec or "auto")
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -153,7 +161,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=cfg.checkpoint_every,
                                 keep=cfg.keep_checkpoints)
     if init_from and checkpointer.latest_step() is None:
-        _load_init_from(model, init_from)
+        load_init_from(model, init_from)
     train_step, state = make_train_step(model, optimizer, microbatches=cfg.microbatches, mesh=mesh)
     model_graphdef = nnx.graphdef(model)
     evaluator = Evaluator(cfg, task, tokenizer, make_eval_step(model, mesh=mesh), mesh)
@@ -184,7 +192,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
     def fetch(step: int, device_metrics: dict) -> dict:
         """Step `step`'s metrics on the host (waiting for it), checked finite, with lr and speed."""
         host = _host_metrics(device_metrics)
-        _check_finite(step, host, last_good)
+        check_finite(step, host, last_good)
         host["lr"] = float(schedule(step - 1))
         fetched_at.append(time.perf_counter())
         if len(fetched_at) > 1:  # over a window of steps: one interval alone is jittery
