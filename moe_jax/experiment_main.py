@@ -32,14 +32,25 @@ class _QuietLibraries(py_logging.Filter):
         return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def run_from_flags(cfg: ExperimentConfig, flag_values: flags.FlagValues = flags.FLAGS, *,
-                   train_fn: Callable[..., dict] = train) -> dict:
-    """Initialise multi-process JAX if asked, run `train_fn` (the pretrain/SFT loop by default,
-    `train_grpo` for RL) and print the summary as one JSON line."""
+def setup_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Initialise multi-process JAX if asked; INFO logs without the checkpointer's chatter."""
     initialize_from_flags(flag_values)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    result = train_fn(cfg, flag_values.workdir, mesh_spec=flag_values.mesh, init_from=flag_values.init_from)
-    print(json.dumps({"status": result["status"], "step": result["step"],
+
+
+def run_and_report(train_fn: Callable[..., dict], cfg: ExperimentConfig, workdir: str, **kwargs) -> dict:
+    """`train_fn(cfg, workdir, **kwargs)`, its summary printed as one JSON line."""
+    result = train_fn(cfg, workdir, **kwargs)
+    print(json.dumps({"workdir": workdir, "status": result["status"], "step": result["step"],
                       **{k: v for k, v in result["metrics"].items() if not isinstance(v, list)}}))
     return result
+
+
+def run_from_flags(cfg: ExperimentConfig, flag_values: flags.FlagValues = flags.FLAGS, *,
+                   train_fn: Callable[..., dict] = train) -> dict:
+    """Set up, run `train_fn` (the pretrain/SFT loop by default, `train_grpo` for RL) on the run
+    flags, and print the summary as one JSON line."""
+    setup_from_flags(flag_values)
+    return run_and_report(train_fn, cfg, flag_values.workdir, mesh_spec=flag_values.mesh,
+                          init_from=flag_values.init_from)

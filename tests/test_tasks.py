@@ -17,8 +17,9 @@ def test_expression_values_hand_computed(text, value, numbers):
 
 
 @pytest.mark.parametrize("text", ["2+", "(2", "2)", "1/0", "a+1", "2**3", "", "__import__('os')",
-                                  "1+" * 150 + "1"])
+                                  "1+" * 150 + "1", "(" * 33 + "1" + ")" * 33, "٣+٤"])
 def test_expression_rejects_malformed_text(text):
+    """Including nesting past MAX_DEPTH and non-ASCII digits (which int() would accept)."""
     with pytest.raises(ExpressionError):
         evaluate(text)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_TOKEN = re.compile(r"\s*(?:(\d+)|(.))")
+_TOKEN = re.compile(r"\s*(?:([0-9]+)|(.))")  # ASCII digits only: int() would also take "٣"
 _ALIASES = {"×": "*", "x": "*", "÷": "/"}
 MAX_LENGTH = 200  # a verifier input longer than this is rejected outright
+MAX_DEPTH = 32  # parentheses nested deeper are rejected (the parser recurses per level)
 
 
 class ExpressionError(ValueError):
@@ -34,7 +35,7 @@ class _Parser:
     factor := NUMBER | '(' expr ')'   (no unary minus: countdown uses the given numbers)."""
 
     def __init__(self, tokens: list[str | int]):
-        self.tokens, self.pos, self.numbers = tokens, 0, []
+        self.tokens, self.pos, self.numbers, self.depth = tokens, 0, [], 0
 
     def peek(self) -> str | int | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -65,7 +66,11 @@ class _Parser:
             self.numbers.append(token)
             return Fraction(token)
         if token == "(":
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise ExpressionError(f"parentheses nested deeper than {MAX_DEPTH}")
             value = self.expr()
+            self.depth -= 1
             if self.take() != ")":
                 raise ExpressionError("missing ')'")
             return value

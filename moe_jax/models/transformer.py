@@ -162,6 +162,10 @@ class Transformer(nnx.Module):
         return [b.ffn for b in blocks if isinstance(b.ffn, MoELayer)]
 
     def update_router_biases(self, load_LxE: jax.Array) -> None:
-        """The aux-loss-free bias step for every MoE layer, from `aux["router"]["load"]`."""
-        for layer, load_E in zip(self.moe_layers(), load_LxE, strict=True):
+        """The aux-loss-free bias step for every MoE layer, from `aux["router"]["load"]`; after a
+        forward with `mtp=False` the loads cover the main layers only, and only they move."""
+        layers = self.moe_layers()
+        if load_LxE.shape[0] == self.cfg.n_moe_layers:
+            layers = layers[:self.cfg.n_moe_layers]
+        for layer, load_E in zip(layers, load_LxE, strict=True):
             layer.update_bias(load_E)

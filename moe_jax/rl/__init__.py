@@ -1,1 +1,10 @@
-"""Reinforcement learning: the policy's log-probs, GRPO losses, rewards, the GRPO step and loop."""
+"""Reinforcement learning from rule-based rewards (DeepSeek-R1-Zero's GRPO and its variants).
+
+- `grpo`: the pure maths — group advantages, every GRPO loss type (token/sequence ratios, k3 KL),
+  DAPO overlong shaping, truncation masking, zero-variance groups.
+- `rewards`: rule-based accuracy and format rewards per task (model text is parsed, never run).
+- `policy`, `step`, `trainer`, `config`: the log-prob forward, the jitted step and the loop.
+
+Submodules are imported explicitly (`from moe_jax.rl import grpo`), so importing the pure maths
+does not pull in the model or the training loop.
+"""

@@ -9,7 +9,7 @@ import numpy as np
 
 from moe_jax.data.tasks.base import Problem, Task
 
-_INTEGER = re.compile(r"-?\d{1,40}")
+_INTEGER = re.compile(r"-?[0-9]{1,40}")  # ASCII digits only
 
 
 def _slip(digit: int, rng: np.random.Generator) -> int:

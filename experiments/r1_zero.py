@@ -1,0 +1,58 @@
+"""DeepSeek-R1-Zero in miniature: pretrain a base model on imperfect worked solutions (unless the
+workdir already has one), then improve it with pure RL — GRPO on rule-based rewards.
+
+    python experiments/r1_zero.py --workdir=/tmp/r1_zero                 # tiny-moe, arithmetic
+    python experiments/r1_zero.py --workdir=/tmp/r1_cd --config.task=countdown \
+        --config.task_options=max_numbers=3 --base_steps=3000
+
+`<workdir>/base` is the pretraining run and `<workdir>/grpo` the RL run; each resumes when the
+command is run again. `--config.*` configures the GRPO stage (and, through `model`, `task`,
+`task_options`, `template` and `seed`, the base model it starts from).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from moe_jax import config_flags
+from moe_jax.experiment_main import define_run_flags, run_and_report, setup_from_flags
+from moe_jax.rl.config import GRPOConfig
+from moe_jax.rl.trainer import train_grpo
+from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.trainer import train
+
+# The RL stage of the main job: 16 prompts × 8 samples, 48-token completions.
+R1_ZERO_DEFAULTS = {"steps": 60, "batch_size": 128, "seq_len": 80, "max_new_tokens": 48,
+                    "learning_rate": 3e-4, "warmup_steps": 3, "weight_decay": 0.0, "eval_every": 10,
+                    "checkpoint_every": 10, "eval_batches": 0, "eval_problems": 128,
+                    "eval_max_new_tokens": 48, "log_every": 5}
+
+config_flags.define_config_flags(config_class=GRPOConfig)
+define_run_flags()
+flags.DEFINE_integer("base_steps", 400, "pretraining steps of the base model (a weak, imperfect one)")
+FLAGS = flags.FLAGS
+
+
+def base_config(rl: GRPOConfig, steps: int) -> ExperimentConfig:
+    """The pretraining run behind `rl`: the same model, task, template and seed."""
+    return ExperimentConfig(model=rl.model, steps=steps, task=rl.task, task_options=rl.task_options,
+                            template=rl.template, seed=rl.seed, eval_every=steps, checkpoint_every=steps)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.init_from:
+        raise app.UsageError("r1_zero.py pretrains its own base model; to start RL from another "
+                             "model use experiments/grpo.py --init_from=...")
+    rl = config_flags.config_from_flags(defaults=R1_ZERO_DEFAULTS, config_class=GRPOConfig)
+    setup_from_flags()
+    base_dir = os.path.join(FLAGS.workdir, "base")
+    run_and_report(train, base_config(rl, FLAGS.base_steps), base_dir, mesh_spec=FLAGS.mesh)
+    run_and_report(train_grpo, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
+                   init_from=base_dir)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_flags.parse_flags)

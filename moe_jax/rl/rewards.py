@@ -1,0 +1,89 @@
+"""Rule-based rewards (DeepSeek-R1 §2.2.2): an accuracy reward from the task's verifier and a format
+reward for the `<think>…</think><answer>…</answer>` template, combined with weights.
+
+Model text is only ever *parsed*, never executed: the template is matched by a linear-time regex
+(`moe_jax.data.template.parse_completion`), arithmetic answers by an integer regex, countdown answers
+by the bounded recursive-descent evaluator of `moe_jax.data.expression` (numbers, + − × ÷ and
+parentheses only; at most `expression.MAX_LENGTH` characters). A reward function never raises on
+model text: anything malformed scores 0, and a completion longer than `MAX_COMPLETION_CHARS` scores
+0 on every component without being parsed (the sampler's budget keeps real completions far below).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from moe_jax.data.tasks.base import Problem, Task
+from moe_jax.data.template import parse_completion
+
+MAX_COMPLETION_CHARS = 1 << 22  # 4 Mi characters: a bound on scoring time (~0.2 s), not a length policy
+
+# (task, problem, completion) -> reward; must not raise on any completion text.
+RewardFn = Callable[[Task, Problem, str], float]
+
+DEFAULT_WEIGHTS: Mapping[str, float] = {"accuracy": 1.0, "format": 0.1}
+
+# What a verifier may raise on malformed text (ExpressionError is a ValueError; ZeroDivisionError and
+# OverflowError are ArithmeticErrors; RecursionError only if the evaluator's length bound is raised).
+_VERIFIER_ERRORS = (ValueError, ArithmeticError, RecursionError)
+
+
+def _scorable(completion: str) -> bool:
+    return isinstance(completion, str) and len(completion) <= MAX_COMPLETION_CHARS
+
+
+def accuracy_reward(task: Task, problem: Problem, completion: str) -> float:
+    """1.0 when the completion follows the template and its answer passes the task's verifier
+    (`Task.verify`: the answer is parsed, never executed), else 0.0."""
+    if not _scorable(completion):
+        return 0.0
+    try:
+        return 1.0 if task.verify(problem, completion) else 0.0
+    except _VERIFIER_ERRORS:
+        return 0.0
+
+
+def format_reward(completion: str) -> float:
+    """1.0 for exactly one think block followed by one answer block (whitespace around them only,
+    no nested or repeated tags), else 0.0."""
+    if not _scorable(completion):
+        return 0.0
+    return 1.0 if parse_completion(completion).format_ok else 0.0
+
+
+REWARD_FUNCTIONS: Mapping[str, RewardFn] = {
+    "accuracy": accuracy_reward,
+    "format": lambda task, problem, completion: format_reward(completion),
+}
+
+
+def combined_rewards(task: Task, problems: Sequence[Problem], completions: Sequence[str],
+                     weights: Mapping[str, float] | None = None,
+                     reward_fns: Mapping[str, RewardFn] | None = None) -> dict[str, np.ndarray]:
+    """Every reward component and their weighted sum, each float32 `[B]`:
+    `{"accuracy": …, "format": …, "total": Σ_name weights[name]·component}`, for the loop to
+    log `rewards/<name>/mean` and train on `total`.
+
+    `problems[i]` is the problem completion i answers (repeat each prompt's problem G times).
+    `reward_fns` defaults to `REWARD_FUNCTIONS`; every component is computed and returned, and one
+    missing from `weights` weighs 0. `weights` defaults to R1-Zero-style accuracy 1, format 0.1.
+    """
+    reward_fns = REWARD_FUNCTIONS if reward_fns is None else reward_fns
+    weights = DEFAULT_WEIGHTS if weights is None else weights
+    unknown = sorted(set(weights) - set(reward_fns))
+    if unknown:
+        raise ValueError(f"weights for unknown rewards {unknown}; known: {sorted(reward_fns)}")
+    if "total" in reward_fns:
+        raise ValueError("'total' is the weighted sum; name the reward something else")
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems for {len(completions)} completions; "
+                         "repeat each problem once per sample")
+    components = {name: np.asarray([fn(task, problem, completion)
+                                    for problem, completion in zip(problems, completions)], np.float32)
+                  for name, fn in reward_fns.items()}
+    total = np.zeros(len(completions), np.float32)
+    for name, weight in weights.items():
+        total += np.float32(weight) * components[name]
+    return {**components, "total": total}

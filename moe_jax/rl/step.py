@@ -1,0 +1,111 @@
+"""The jitted GRPO step: μ inner iterations over the minibatches of one generation batch, each
+minibatch one optimizer update (the clipped surrogate of `grpo.policy_loss` plus the MoE balance
+losses), each followed by the loss-free router-bias update — all one XLA program with the state
+donated and, over a mesh, kept in its sharding.
+
+The generation batch (`rollout`) holds, for B = prompts × G completions:
+`tokens`/`segment_ids` `[B, S]` (prompt + completion, `policy.rollout_rows`), `mask` `[B, N]`
+(completion tokens that count), `old_logp` `[B, N]` (the sampler's), `advantages` `[B]`, and
+`ref_logp` `[B, N]` when the KL penalty is on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from moe_jax.models import Transformer
+from moe_jax.rl.grpo import policy_loss
+from moe_jax.rl.policy import completion_logprobs
+from moe_jax.train.step import jit_over_mesh
+
+Rollout = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLoss:
+    """The knobs of the policy loss and of the distribution the completions were sampled from."""
+
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    importance_sampling_level: str = "token"
+    max_completion_length: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_iterations: int = 1  # μ
+    minibatches: int = 1  # optimizer updates per pass over the generation batch
+
+
+def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss, *,
+                   mesh: Mesh | None = None) -> tuple[Callable[[nnx.State, Rollout], tuple[nnx.State, dict]],
+                                                      nnx.State]:
+    """(jitted `step(state, rollout) -> (state, metrics)`, initial state); metrics are means over
+    the μ × minibatches updates."""
+    cfg = model.cfg
+    graphdef, state = nnx.split((model, optimizer))
+    updates = loss.num_iterations * loss.minibatches
+
+    def step(state: nnx.State, rollout: Rollout) -> tuple[nnx.State, dict]:
+        n_completion = rollout["mask"].shape[1]
+        # DAPO's token-level normaliser from the whole generation batch (all devices), as the
+        # mean token count of one minibatch, so every update sees the same scale.
+        dapo_normalizer = jnp.maximum(rollout["mask"].sum(), 1) / loss.minibatches
+        minibatches = jax.tree.map(lambda x: x.reshape(loss.minibatches, -1, *x.shape[1:]), rollout)
+
+        def update(state, index):
+            model, optimizer = nnx.merge(graphdef, state)
+            batch = jax.tree.map(lambda x: x[index % loss.minibatches], minibatches)
+            params_graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+            def loss_fn(params):
+                policy = nnx.merge(params_graph, params, rest)
+                logp, entropy, aux = completion_logprobs(
+                    policy, batch["tokens"], batch["segment_ids"], n_completion,
+                    temperature=loss.temperature, top_p=loss.top_p, top_k=loss.top_k)
+                value, metrics = policy_loss(
+                    logp, batch["old_logp"], batch["advantages"], batch["mask"],
+                    loss_type=loss.loss_type, epsilon=loss.epsilon, epsilon_high=loss.epsilon_high,
+                    beta=loss.beta, ref_logp_BxT=batch.get("ref_logp"),
+                    importance_sampling_level=loss.importance_sampling_level,
+                    max_completion_length=loss.max_completion_length,
+                    normalizer=dapo_normalizer if loss.loss_type == "dapo" else None, entropy_BxT=entropy)
+                metrics = {**metrics, "policy_loss": value, "moe_aux_loss": aux["moe_aux_loss"]}
+                if "router" in aux:
+                    metrics["maxvio"] = aux["router"]["max_vio"]
+                loads = aux["router"]["load"] if "router" in aux else jnp.zeros((0,))
+                return value + aux["moe_aux_loss"], (metrics, loads)
+
+            (_, (metrics, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            optimizer.update(model, grads)
+            if cfg.is_moe and cfg.router_bias_rate > 0:
+                model.update_router_biases(loads)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            return nnx.state((model, optimizer)), metrics
+
+        state, metrics = jax.lax.scan(update, state, jnp.arange(updates))
+        return state, jax.tree.map(lambda m: m.mean(0), metrics)
+
+    return jit_over_mesh(step, state, mesh, donate=True), state
+
+
+def make_logprob_fn(model: Transformer, loss: GRPOLoss, *, mesh: Mesh | None = None
+                    ) -> Callable[[nnx.State, Rollout], jax.Array]:
+    """Jitted `fn(model_state, rollout) -> logp [B, N]`: a frozen model's scores of the completions
+    (the reference policy of the KL term)."""
+    graphdef, state = nnx.split(model)
+
+    def logprobs(state: nnx.State, rollout: Rollout) -> jax.Array:
+        return completion_logprobs(nnx.merge(graphdef, state), rollout["tokens"], rollout["segment_ids"],
+                                   rollout["mask"].shape[1], temperature=loss.temperature,
+                                   top_p=loss.top_p, top_k=loss.top_k)[0]
+
+    return jit_over_mesh(logprobs, state, mesh, donate=False)

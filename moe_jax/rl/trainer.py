@@ -1,0 +1,199 @@
+"""The GRPO loop (R1-Zero's recipe): `train_grpo(cfg, workdir)`.
+
+Each step: a batch of prompts → `group_size` sampled completions each (KV-cache sampler, the
+sampling log-probs kept as the old policy's) → rule-based rewards on the host → group advantages
+→ one jitted step of μ × minibatch updates. The workdir, resume, SIGTERM, NaN and config-conflict
+behaviour is the training loop's (`moe_jax.train.trainer`); the sampling key of step N is
+`fold_in(key(seed), N)`, so a resumed run draws what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moe_jax.data.pipelines import problem_at, rl_prompt_batches
+from moe_jax.data.tasks import make_task
+from moe_jax.data.tokenizer import load_tokenizer
+from moe_jax.models.sampler import jit_generate
+from moe_jax.parallel import BATCH_AXES, make_mesh, use_mesh
+from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
+from moe_jax.rl import grpo, rewards
+from moe_jax.rl.config import GRPOConfig
+from moe_jax.rl.policy import rollout_rows
+from moe_jax.rl.step import GRPOLoss, make_grpo_step, make_logprob_fn
+from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from moe_jax.train.evaluation import Evaluator, completion_text
+from moe_jax.train.experiment_config import parse_task_options
+from moe_jax.train.metrics import METRICS_FILE, MetricsWriter, plot_metrics
+from moe_jax.train.preemption import PreemptionWatcher
+from moe_jax.train.progress import Progress
+from moe_jax.train.trainer import (
+    PLOT_FILE,
+    Hook,
+    check_finite,
+    init_model_and_optimizer,
+    load_init_from,
+    prepare_workdir,
+)
+
+
+def grpo_loss_of(cfg: GRPOConfig) -> GRPOLoss:
+    return GRPOLoss(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high or None,
+                    beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
+                    max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+                    top_p=cfg.top_p, top_k=cfg.top_k, num_iterations=cfg.num_iterations,
+                    minibatches=cfg.minibatches)
+
+
+def score(cfg: GRPOConfig, task, problems: list, texts: list[str], lengths_B: np.ndarray
+          ) -> tuple[np.ndarray, dict[str, float]]:
+    """(total reward `[B]`, reward metrics): the weighted rule-based rewards, with DAPO's soft
+    overlong punishment when `overlong_buffer` > 0."""
+    components = rewards.combined_rewards(task, problems, texts, weights={
+        "accuracy": cfg.accuracy_weight, "format": cfg.format_weight})
+    total_B = np.asarray(components.pop("total"), np.float64)
+    metrics = {f"rewards/{name}/mean": float(np.mean(values)) for name, values in components.items()}
+    if cfg.overlong_buffer:
+        penalty_B = np.asarray(grpo.overlong_penalty(lengths_B, cfg.max_new_tokens, cfg.overlong_buffer))
+        metrics["rewards/overlong/mean"] = float(penalty_B.mean())
+        total_B = total_B + penalty_B
+    groups_GxS = total_B.reshape(-1, cfg.group_size)
+    metrics.update({"reward": float(total_B.mean()), "reward_std": float(groups_GxS.std(axis=1, ddof=1).mean()),
+                    "frac_reward_zero_std": float(np.mean(grpo.zero_std_groups(total_B, cfg.group_size)))})
+    return total_B, metrics
+
+
+def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
+               init_from: str | None = None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Run (or resume) GRPO in `workdir`; returns `{"status", "step", "metrics"}` like `train`."""
+    is_lead = prepare_workdir(cfg, workdir)
+    mesh = make_mesh(mesh_spec or "auto")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    task = make_task(cfg.task, **parse_task_options(cfg.task_options))
+    model, optimizer = init_model_and_optimizer(cfg, mesh)
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=cfg.checkpoint_every,
+                                keep=cfg.keep_checkpoints)
+    if init_from and checkpointer.latest_step() is None:
+        load_init_from(model, init_from)
+    loss = grpo_loss_of(cfg)
+    # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
+    reference = (make_logprob_fn(model, loss, mesh=mesh), jax.tree.map(jnp.copy, nnx.state(model))) \
+        if cfg.beta > 0 else None
+    grpo_step, state = make_grpo_step(model, optimizer, loss, mesh=mesh)
+    model_graphdef = nnx.graphdef(model)
+    evaluator = Evaluator(cfg, task, tokenizer, None, mesh)
+    del model, optimizer
+
+    local = process_batch_slice(cfg.prompts_per_step)
+    prompts = iter(rl_prompt_batches(task, tokenizer, seed=cfg.seed, batch_size=local.stop - local.start,
+                                     prompt_len=cfg.prompt_len, template=cfg.template))
+    start = 0
+    restored = checkpointer.restore(state)
+    if restored is not None:
+        start, state, data_state = restored
+        prompts.set_state(data_state["prompts"])
+        logging.info("resumed %s from step %d", workdir, start)
+
+    writer = MetricsWriter(workdir, resume_step=start) if is_lead else None
+    progress = Progress(cfg.steps, start_step=start, every_s=10.0, keys={"reward": "reward",
+                                                                         "eval/accuracy": "acc"})
+    status, host, step = "finished", {}, start
+    try:
+        if start == 0:  # the starting point of the curve: the base model's accuracy
+            host = evaluator(nnx.merge(model_graphdef, state[0]))
+            if writer:
+                writer.write(0, host)
+            logging.info("step 0: %s", host)
+        with PreemptionWatcher() as preemption:
+            for step in range(start + 1, cfg.steps + 1):
+                host = _one_step(cfg, step, task, tokenizer, mesh, prompts, model_graphdef, state,
+                                 grpo_step, reference)
+                state = host.pop("_state")
+                for hook in hooks:
+                    hook(step, state)
+                check_finite(step, host, checkpointer.latest_step())
+                stop = preemption.requested or checkpointer.manager.reached_preemption(step)
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    host.update(evaluator(nnx.merge(model_graphdef, state[0])))
+                    logging.info("step %d: reward %.3f eval/accuracy %.3f", step, host["reward"],
+                                 host["eval/accuracy"])
+                if writer:
+                    writer.write(step, host)
+                progress.update(step, host)
+                if stop or step == cfg.steps or step % cfg.checkpoint_every == 0:
+                    checkpointer.save(step, state, {"prompts": prompts.get_state()}, force=True)
+                if stop:
+                    status = "preempted"
+                    logging.warning("preemption notice: saved step %d; rerun to resume", step)
+                    break
+    finally:
+        progress.close()
+        checkpointer.close()
+        if writer:
+            writer.close()
+    if is_lead:
+        plot_metrics(os.path.join(workdir, METRICS_FILE), os.path.join(workdir, PLOT_FILE),
+                     keys=["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length",
+                           "kl", "entropy", "clip_ratio/region_mean", "grad_norm"])
+    return {"status": status, "step": step, "metrics": host}
+
+
+def _one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_graphdef, state,
+              grpo_step, reference) -> dict[str, Any]:
+    """Sample, score and update once; returns the step's metrics (and the new state as `_state`)."""
+    t0 = time.perf_counter()
+    batch = next(prompts)
+    problems = [problem_at(task, cfg.seed, int(i)) for i in batch["problem_index"]]
+    prompt_BxP = np.repeat(batch["prompt_tokens"], cfg.group_size, axis=0)  # rows g·G .. (g+1)·G-1
+    segments_BxP = np.repeat(batch["prompt_segment_ids"], cfg.group_size, axis=0)
+    prompt_BxP, segments_BxP = (global_batch_array(x, mesh) for x in (prompt_BxP, segments_BxP))
+    with use_mesh(mesh):
+        out = jit_generate(nnx.merge(model_graphdef, state[0]), prompt_BxP, segments_BxP,
+                           max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                           rng=jax.random.fold_in(jax.random.key(cfg.seed), step),
+                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    completions = jax.device_get(out)
+    t1 = time.perf_counter()
+
+    texts = [completion_text(tokenizer, row) for row in completions["tokens"]]
+    group_problems = [p for p in problems for _ in range(cfg.group_size)]
+    total_B, host = score(cfg, task, group_problems, texts, completions["lengths"])
+    advantages_B = grpo.group_advantages(jnp.asarray(total_B, jnp.float32), cfg.group_size, scale=cfg.scale_rewards)
+    mask_BxN = jnp.asarray(completions["mask"])
+    if cfg.mask_truncated_completions:
+        mask_BxN = grpo.mask_truncated(mask_BxN, jnp.asarray(completions["truncated"]))
+    tokens_BxS, segment_ids_BxS = rollout_rows(prompt_BxP, segments_BxP, out["tokens"], out["mask"])
+    rollout = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
+               "old_logp": out["logprobs"], "advantages": advantages_B}
+    rollout = jax.device_put(rollout, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+    if reference is not None:
+        logprob_fn, reference_state = reference
+        rollout["ref_logp"] = logprob_fn(reference_state, rollout)
+    t2 = time.perf_counter()
+
+    state, metrics = grpo_step(state, rollout)
+    metrics = jax.device_get(metrics)
+    t3 = time.perf_counter()
+    for name, value in metrics.items():
+        if np.ndim(value) == 0:
+            host[name] = float(value)
+        else:
+            host[name], host[f"{name}_mean"] = [float(v) for v in value], float(np.mean(value))
+    host["loss"] = host["policy_loss"]
+    lengths_B = completions["lengths"]
+    generated = int(lengths_B.sum())
+    host.update({"completions/mean_length": float(lengths_B.mean()),
+                 "completions/clipped_ratio": float(completions["truncated"].mean()),
+                 "time/sampling": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
+                 "tokens_per_s": generated / (t3 - t0), "_state": state})
+    return host
