@@ -116,7 +116,7 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
             logging.info("step 0: %s", host)
         with PreemptionWatcher() as preemption:
             for step in range(start + 1, cfg.steps + 1):
-                host = _one_step(cfg, step, task, tokenizer, mesh, prompts, model_graphdef, state,
+                host = one_step(cfg, step, task, tokenizer, mesh, prompts, model_graphdef, state,
                                  grpo_step, reference)
                 state = host.pop("_state")
                 for hook in hooks:
@@ -148,7 +148,7 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
     return {"status": status, "step": step, "metrics": host}
 
 
-def _one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_graphdef, state,
+def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_graphdef, state,
               grpo_step, reference) -> dict[str, Any]:
     """Sample, score and update once; returns the step's metrics (and the new state as `_state`)."""
     t0 = time.perf_counter()

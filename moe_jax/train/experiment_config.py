@@ -57,6 +57,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         validate(self)
 
+    def replace_model(self, **changes: Any) -> ExperimentConfig:
+        """A copy with `model` fields changed (both configs re-validate)."""
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
