@@ -1,3 +1,4 @@
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -73,6 +74,20 @@ def test_arithmetic_slips_are_carried_through_to_the_answer():
         thinking, answer = task.solve(problem, rng, error_rate=1.0)
         assert answer != problem.answer
         assert thinking.endswith(f"={answer}")  # the wrong result is the trace's own conclusion
+
+
+def test_carry_slip_is_a_consistent_misconception():
+    task = Arithmetic(2, 3, ops="+", slip="carry")
+    rng = np.random.default_rng(3)
+    for problem in task.problems(2, 100):
+        a, b = problem.data["a"], problem.data["b"]
+        no_carry = int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:04d}", f"{b:04d}", strict=True)))
+        thinking, answer = task.solve(problem, rng, error_rate=1.0)
+        assert answer == str(no_carry) and thinking.endswith(f"={answer}")
+        assert not re.search(r"\d\+\d\+\d=", thinking) and "carry" not in thinking  # no carry added
+        assert task.solve(problem, rng, error_rate=0.0)[1] == problem.answer
+    with pytest.raises(ValueError, match="slip"):
+        Arithmetic(slip="sloppy")
 
 
 @pytest.mark.parametrize("name", ["arithmetic", "countdown"])

@@ -17,17 +17,28 @@ def _slip(digit: int, rng: np.random.Generator) -> int:
     return (digit + int(rng.choice([-1, 1]))) % 10
 
 
+SLIP_KINDS = ("digit", "carry")
+
+
 class Arithmetic(Task):
-    """`a + b` or `a * b` with operands of `min_digits`..`max_digits` digits."""
+    """`a + b` or `a * b` with operands of `min_digits`..`max_digits` digits.
+
+    `slip` is what a flawed solution gets wrong: "digit" writes one digit one off (a random
+    lapse), "carry" forgets every carry of an addition (a consistent misconception, as a corpus
+    written by people who never learned carrying would teach; multiplications keep the digit
+    slip). A base model pretrained on "carry" traces learns the misconception as a competing
+    habit, which is what RL on a verifiable reward can unlearn."""
 
     name = "arithmetic"
 
-    def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+*"):
+    def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+*", slip: str = "digit"):
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         if not ops or set(ops) - set("+*"):
             raise ValueError(f"ops must be a non-empty subset of '+*', got {ops!r}")
-        self.min_digits, self.max_digits, self.ops = min_digits, max_digits, ops
+        if slip not in SLIP_KINDS:
+            raise ValueError(f"slip must be one of {SLIP_KINDS}, got {slip!r}")
+        self.min_digits, self.max_digits, self.ops, self.slip = min_digits, max_digits, ops, slip
 
     def _operand(self, rng: np.random.Generator) -> int:
         digits = int(rng.integers(self.min_digits, self.max_digits + 1))
@@ -46,10 +57,12 @@ class Arithmetic(Task):
         return self._add(a, b, rng, slip) if op == "+" else self._multiply(a, b, rng, slip)
 
     def _add(self, a: int, b: int, rng: np.random.Generator, slip: bool) -> tuple[str, str]:
-        """Column addition from the units; a slip writes one column's digit wrong."""
+        """Column addition from the units; a slip writes one column's digit wrong, or (slip kind
+        "carry") drops every carry."""
         da, db = str(a)[::-1], str(b)[::-1]
         columns = max(len(da), len(db))
-        wrong_column = int(rng.integers(columns)) if slip else -1
+        drop_carries = slip and self.slip == "carry"
+        wrong_column = int(rng.integers(columns)) if slip and not drop_carries else -1
         steps, written, carry = [], [], 0
         for i in range(columns):
             x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
@@ -57,7 +70,7 @@ class Arithmetic(Task):
             digit = _slip(total % 10, rng) if i == wrong_column else total % 10
             steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}, write {digit}")
             written.append(str(digit))
-            carry = total // 10
+            carry = 0 if drop_carries else total // 10
         if carry:
             written.append(str(carry))
             steps.append(f"carry {carry}")
