@@ -4,6 +4,7 @@ resumes instead of starting over."""
 import dataclasses
 import os
 
+import numpy as np
 import pytest
 
 from moe_jax.configs import get_preset
@@ -42,3 +43,29 @@ def test_grpo_run_logs_trl_metrics_checkpoints_and_resumes(tmp_path):
     again = train_grpo(CFG, workdir)  # the same command: it finds the run finished
     assert again["step"] == 2
     assert [m["step"] for m in read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [0, 1, 2]
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_tops_up_at_the_cap():
+    from moe_jax.rl.trainer import _informative_groups
+
+    cfg = dataclasses.replace(CFG, dynamic_sampling=True, max_resamples=2)  # 4 groups of 4 per step
+
+    def rollout(rewards):
+        rewards = np.asarray(rewards, np.float64)
+        return {"reward": rewards, "row": np.arange(len(rewards)) + 100 * len(calls)}
+
+    calls = []
+    flat, mixed = [0, 0, 0, 0], [0, 1, 0, 0]
+    batches = [rollout(flat + mixed + flat + flat)]
+    later = [flat + flat + mixed + mixed, flat * 4]
+
+    def sample_more(attempt):
+        calls.append(attempt)
+        return rollout(later[attempt - 1])
+
+    out, n = _informative_groups(cfg, batches[0], sample_more)
+    assert n == 3 and calls == [1, 2]  # two more batches: the cap
+    groups = out["reward"].reshape(4, 4)
+    assert [g.std() > 0 for g in groups] == [True, True, True, False]  # 3 informative, topped up
+    out, n = _informative_groups(cfg, rollout(mixed * 4), sample_more)
+    assert n == 1 and (out["reward"] == mixed * 4).all()

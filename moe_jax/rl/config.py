@@ -34,6 +34,8 @@ class GRPOConfig(ExperimentConfig):
     minibatches: int = 1  # optimizer updates per pass over the generation batch
     mask_truncated_completions: bool = False  # DAPO: completions that hit the budget do not count
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0: off)
+    dynamic_sampling: bool = False  # DAPO: train on groups whose rewards differ, sampling more
+    max_resamples: int = 3  # extra prompt batches dynamic sampling may draw per step
     # --- rewards ---
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
@@ -48,6 +50,8 @@ class GRPOConfig(ExperimentConfig):
                               ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):
             if getattr(self, name) not in allowed:
                 fail(name, f"unknown {getattr(self, name)!r}", f"use one of {allowed}")
+        if self.max_resamples < 0:
+            fail("max_resamples", f"must be >= 0, got {self.max_resamples}", "use e.g. 3")
         for name in ("group_size", "max_new_tokens", "num_iterations", "minibatches"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}", "use a positive value")

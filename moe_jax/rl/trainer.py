@@ -148,40 +148,83 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
     return {"status": status, "step": step, "metrics": host}
 
 
-def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_graphdef, state,
-              grpo_step, reference) -> dict[str, Any]:
-    """Sample, score and update once; returns the step's metrics (and the new state as `_state`)."""
-    t0 = time.perf_counter()
+def _sample_and_score(cfg: GRPOConfig, key: jax.Array, task, tokenizer, mesh, prompts, policy
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
+    """One batch of prompts, `group_size` completions each, scored on the host: (the rollout's host
+    arrays with the total reward, the reward metrics, the seconds spent sampling)."""
+    start = time.perf_counter()
     batch = next(prompts)
     problems = [problem_at(task, cfg.seed, int(i)) for i in batch["problem_index"]]
     prompt_BxP = np.repeat(batch["prompt_tokens"], cfg.group_size, axis=0)  # rows g·G .. (g+1)·G-1
     segments_BxP = np.repeat(batch["prompt_segment_ids"], cfg.group_size, axis=0)
-    prompt_BxP, segments_BxP = (global_batch_array(x, mesh) for x in (prompt_BxP, segments_BxP))
     with use_mesh(mesh):
-        out = jit_generate(nnx.merge(model_graphdef, state[0]), prompt_BxP, segments_BxP,
+        out = jit_generate(policy, global_batch_array(prompt_BxP, mesh), global_batch_array(segments_BxP, mesh),
                            max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                           rng=jax.random.fold_in(jax.random.key(cfg.seed), step),
-                           temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    completions = jax.device_get(out)
-    t1 = time.perf_counter()
-
-    texts = [completion_text(tokenizer, row) for row in completions["tokens"]]
+                           rng=key, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    rollout = {"prompt": prompt_BxP, "prompt_segments": segments_BxP, **jax.device_get(out)}
+    sampling_s = time.perf_counter() - start
+    texts = [completion_text(tokenizer, row) for row in rollout["tokens"]]
     group_problems = [p for p in problems for _ in range(cfg.group_size)]
-    total_B, host = score(cfg, task, group_problems, texts, completions["lengths"])
-    advantages_B = grpo.group_advantages(jnp.asarray(total_B, jnp.float32), cfg.group_size, scale=cfg.scale_rewards)
-    mask_BxN = jnp.asarray(completions["mask"])
+    rollout["reward"], metrics = score(cfg, task, group_problems, texts, rollout["lengths"])
+    return rollout, metrics, sampling_s
+
+
+def _informative_groups(cfg: GRPOConfig, first: dict[str, np.ndarray], sample_more) -> tuple[dict, int]:
+    """DAPO's dynamic sampling (§3.2): keep the groups whose rewards differ, sampling more batches
+    (at most `max_resamples`) until `prompts_per_step` of them are found; if the cap is hit, the
+    batch is topped up with uninformative groups (advantage 0: shapes stay static, no gradient).
+    Returns (the rollout, the number of sampled batches)."""
+    G, wanted = cfg.group_size, cfg.prompts_per_step
+    kept, spare, batches, rollout = [], [], 1, first
+    while True:
+        zero_G = np.asarray(grpo.zero_std_groups(rollout["reward"], G))
+        for g in range(wanted):
+            group = {k: v[g * G:(g + 1) * G] for k, v in rollout.items()}
+            (spare if zero_G[g] else kept).append(group)
+        if len(kept) >= wanted or batches > cfg.max_resamples:
+            break
+        rollout, batches = sample_more(batches), batches + 1
+    groups = (kept + spare)[:wanted]
+    return {k: np.concatenate([g[k] for g in groups]) for k in first}, batches
+
+
+def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_graphdef, state,
+             grpo_step, reference) -> dict[str, Any]:
+    """Sample, score and update once; returns the step's metrics (and the new state as `_state`).
+    Reward metrics describe the first sampled batch: the policy as it is, before any filtering."""
+    t0 = time.perf_counter()
+    policy = nnx.merge(model_graphdef, state[0])
+    step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    sampling_s = 0.0
+
+    def sample(attempt: int) -> dict[str, np.ndarray]:
+        nonlocal sampling_s
+        rollout, metrics, seconds = _sample_and_score(cfg, jax.random.fold_in(step_key, attempt), task,
+                                                      tokenizer, mesh, prompts, policy)
+        sampling_s += seconds
+        return rollout, metrics
+
+    rollout, host = sample(0)
+    completions = rollout
+    if cfg.dynamic_sampling:
+        rollout, host["dynamic_sampling/batches"] = _informative_groups(
+            cfg, rollout, lambda attempt: sample(attempt)[0])
+    advantages_B = grpo.group_advantages(jnp.asarray(rollout["reward"], jnp.float32), cfg.group_size,
+                                         scale=cfg.scale_rewards)
+    mask_BxN = rollout["mask"]
     if cfg.mask_truncated_completions:
-        mask_BxN = grpo.mask_truncated(mask_BxN, jnp.asarray(completions["truncated"]))
-    tokens_BxS, segment_ids_BxS = rollout_rows(prompt_BxP, segments_BxP, out["tokens"], out["mask"])
-    rollout = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
-               "old_logp": out["logprobs"], "advantages": advantages_B}
-    rollout = jax.device_put(rollout, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+        mask_BxN = np.asarray(grpo.mask_truncated(mask_BxN, rollout["truncated"]))
+    tokens_BxS, segment_ids_BxS = rollout_rows(rollout["prompt"], rollout["prompt_segments"], rollout["tokens"],
+                                               rollout["mask"])
+    batch = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
+             "old_logp": rollout["logprobs"], "advantages": advantages_B}
+    batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
     if reference is not None:
         logprob_fn, reference_state = reference
-        rollout["ref_logp"] = logprob_fn(reference_state, rollout)
+        batch["ref_logp"] = logprob_fn(reference_state, batch)
     t2 = time.perf_counter()
 
-    state, metrics = grpo_step(state, rollout)
+    state, metrics = grpo_step(state, batch)
     metrics = jax.device_get(metrics)
     t3 = time.perf_counter()
     for name, value in metrics.items():
@@ -191,9 +234,8 @@ def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_g
             host[name], host[f"{name}_mean"] = [float(v) for v in value], float(np.mean(value))
     host["loss"] = host["policy_loss"]
     lengths_B = completions["lengths"]
-    generated = int(lengths_B.sum())
     host.update({"completions/mean_length": float(lengths_B.mean()),
                  "completions/clipped_ratio": float(completions["truncated"].mean()),
-                 "time/sampling": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
-                 "tokens_per_s": generated / (t3 - t0), "_state": state})
+                 "time/sampling": sampling_s, "time/scoring": t2 - t0 - sampling_s, "time/training": t3 - t2,
+                 "tokens_per_s": float(lengths_B.sum()) / (t3 - t0), "_state": state})
     return host
