@@ -20,5 +20,9 @@ setup(
         "tensorboardX",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={
+        "test": ["pytest", "ruff"],
+        # Hugging Face parity tests (tests/test_interop_*.py); moe_jax.interop itself needs none of it.
+        "hf": ["torch==2.13.0", "transformers", "safetensors"],
+    },
 )

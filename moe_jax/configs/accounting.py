@@ -20,7 +20,7 @@ def attention_params(cfg: ModelConfig) -> tuple[int, int]:
         return q + kv + h * cfg.v_head_dim * d, cfg.q_lora_rank + cfg.kv_lora_rank
     k, g = cfg.gqa_head_dim, cfg.num_kv_heads
     bias = (h + 2 * g) * k if cfg.qkv_bias else 0
-    qk_norm = 2 * k if cfg.qk_norm else 0
+    qk_norm = (2 * k if cfg.qk_norm_per_head else (h + g) * k) if cfg.qk_norm else 0
     return 2 * d * h * k + 2 * d * g * k, bias + qk_norm
 
 

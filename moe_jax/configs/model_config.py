@@ -13,10 +13,12 @@ from typing import Literal
 
 AttentionKind = Literal["gqa", "mla"]
 ScoreFunc = Literal["softmax", "sigmoid"]
+GroupScore = Literal["top2_sum", "max"]
 Dispatch = Literal["dense", "capacity", "ragged", "blocked", "auto"]
 
 ATTENTION_KINDS = ("gqa", "mla")
 SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")
 DISPATCH_BACKENDS = ("dense", "capacity", "ragged", "blocked", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 EP_EXCHANGES = ("all_to_all", "ragged_all_to_all")
@@ -45,12 +47,14 @@ class ModelConfig:
     head_dim: int | None = None  # GQA only; None = d_model // n_heads
     qkv_bias: bool = False  # Qwen2 [attention_bias]
     qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before RoPE
+    qk_norm_per_head: bool = True  # False: OLMoE's RMSNorm over the whole q (and k) projection
     # MLA (DeepSeek-V2 §2.1): low-rank joint KV compression + decoupled RoPE key.
     q_lora_rank: int = 0  # 0 = queries projected directly from the hidden state
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    mla_norm_eps: float | None = None  # eps of the q/kv latent RMSNorms; None = norm_eps (HF: 1e-6)
     # --- rotary embedding + YaRN (Peng et al. 2023; DeepSeek-V3 §4.3) ---
     rope_theta: float = 10000.0
     rope_scaling_factor: float = 1.0  # 1.0 = no YaRN
@@ -67,6 +71,7 @@ class ModelConfig:
     score_func: ScoreFunc = "softmax"  # [scoring_func]
     n_group: int = 1  # group-limited routing; 1 = off
     topk_group: int = 1
+    group_score: GroupScore = "top2_sum"  # V3 `noaux_tc`: sum of a group's top 2; V2: "max"
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     first_k_dense: int = 0  # [first_k_dense_replace]
@@ -127,6 +132,11 @@ class ModelConfig:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     @property
+    def latent_norm_eps(self) -> float:
+        """eps of MLA's q and kv latent RMSNorms."""
+        return self.norm_eps if self.mla_norm_eps is None else self.mla_norm_eps
+
+    @property
     def n_groups_experts(self) -> int:
         return self.n_routed_experts // self.n_group
 
@@ -169,6 +179,9 @@ def _validate_attention(cfg: ModelConfig) -> None:
         if cfg.gqa_head_dim % 2:
             _fail("head_dim", f"RoPE needs an even head dim, got {cfg.gqa_head_dim}",
                   "use an even head_dim")
+        if not cfg.qk_norm_per_head and not cfg.qk_norm:
+            _fail("qk_norm_per_head", "only meaningful with qk_norm=True",
+                  "set qk_norm=True (OLMoE-style whole-projection norm) or leave qk_norm_per_head=True")
         if cfg.n_kv_heads is not None and (cfg.n_kv_heads <= 0 or cfg.n_heads % cfg.n_kv_heads):
             _fail("n_kv_heads", f"n_heads={cfg.n_heads} is not a multiple of n_kv_heads="
                   f"{cfg.n_kv_heads}", "pick n_kv_heads dividing n_heads")
@@ -186,6 +199,8 @@ def _validate_attention(cfg: ModelConfig) -> None:
     if cfg.qk_rope_head_dim % 2:
         _fail("qk_rope_head_dim", f"RoPE needs an even width, got {cfg.qk_rope_head_dim}",
               "use an even qk_rope_head_dim")
+    if cfg.mla_norm_eps is not None and cfg.mla_norm_eps <= 0:
+        _fail("mla_norm_eps", f"must be > 0, got {cfg.mla_norm_eps}", "use None (= norm_eps) or e.g. 1e-6")
     if cfg.qk_norm or cfg.qkv_bias:
         _fail("qk_norm" if cfg.qk_norm else "qkv_bias", "only defined for GQA attention",
               "set it False with attention='mla'")
@@ -205,6 +220,8 @@ def _validate_rope(cfg: ModelConfig) -> None:
 def _validate_moe(cfg: ModelConfig) -> None:
     if cfg.moe_dispatch not in DISPATCH_BACKENDS:
         _fail("moe_dispatch", f"unknown backend {cfg.moe_dispatch!r}", f"use one of {DISPATCH_BACKENDS}")
+    if cfg.group_score not in GROUP_SCORES:
+        _fail("group_score", f"unknown group score {cfg.group_score!r}", f"use one of {GROUP_SCORES}")
     if cfg.score_func not in SCORE_FUNCS:
         _fail("score_func", f"unknown score function {cfg.score_func!r}", f"use one of {SCORE_FUNCS}")
     if cfg.n_routed_experts < 0:
@@ -227,7 +244,7 @@ def _validate_moe(cfg: ModelConfig) -> None:
     if not 0 < cfg.topk_group <= cfg.n_group:
         _fail("topk_group", f"must be in [1, n_group={cfg.n_group}], got {cfg.topk_group}",
               "choose topk_group <= n_group")
-    if cfg.n_group > 1 and cfg.n_groups_experts < 2:
+    if cfg.n_group > 1 and cfg.group_score == "top2_sum" and cfg.n_groups_experts < 2:
         _fail("n_group", "group scores sum each group's top-2 experts, so groups need >= 2 experts",
               "use fewer groups")
     if cfg.top_k > cfg.topk_group * cfg.n_groups_experts:

@@ -51,6 +51,7 @@ _PRESETS: dict[str, ModelConfig] = {
     "moonlight-16b-a3b": ModelConfig(
         name="moonlight-16b-a3b", vocab_size=163840, d_model=2048, n_layers=27, d_ff=11264,
         max_seq_len=8192, norm_eps=1e-5, n_heads=16, **_DEEPSEEK_MLA, rope_theta=50000.0,
+        mla_norm_eps=1e-6,  # the q/kv latent norms keep DeepSeek's default eps
         n_routed_experts=64, n_shared_experts=2, moe_d_ff=1408, top_k=6, score_func="sigmoid",
         norm_topk_prob=True, routed_scaling_factor=2.446, first_k_dense=1, router_bias_rate=1e-3),
     "qwen3-30b-a3b": ModelConfig(

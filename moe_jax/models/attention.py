@@ -1,5 +1,6 @@
-"""Multi-head / grouped-query attention (Ainslie et al. 2023), with Qwen2's qkv bias and Qwen3's
-per-head q/k RMSNorm, and the masked softmax attention that MLA shares."""
+"""Multi-head / grouped-query attention (Ainslie et al. 2023), with Qwen2's qkv bias, Qwen3's
+per-head q/k RMSNorm (or OLMoE's over the whole projection), and the masked softmax attention that
+MLA shares."""
 
 from __future__ import annotations
 
@@ -50,11 +51,19 @@ class GQAttention(nnx.Module):
             self.b_v = make_param(rngs, (g, k), ("kv_heads", "head_dim"), init=zeros, dtype=pdt)
         else:
             self.b_q = self.b_k = self.b_v = None
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(k, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
-            self.k_norm = RMSNorm(k, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+        self.qk_norm_per_head = cfg.qk_norm_per_head
+        if cfg.qk_norm:  # per head: a [head_dim] scale; OLMoE: one over all heads' channels
+            q_dim, k_dim = (k, k) if cfg.qk_norm_per_head else (h * k, g * k)
+            self.q_norm = RMSNorm(q_dim, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+            self.k_norm = RMSNorm(k_dim, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
         else:
             self.q_norm = self.k_norm = None
+
+    def _qk_norm(self, norm: RMSNorm, x_BxTxHxK: jax.Array) -> jax.Array:
+        if self.qk_norm_per_head:
+            return norm(x_BxTxHxK)
+        b, t, h, k = x_BxTxHxK.shape
+        return norm(x_BxTxHxK.reshape(b, t, h * k)).reshape(b, t, h, k)
 
     def _project(self, x_BxTxD: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
         y = jnp.einsum("btd,dhk->bthk", x_BxTxD, w[...].astype(x_BxTxD.dtype))
@@ -67,7 +76,7 @@ class GQAttention(nnx.Module):
         k = self._project(x_BxTxD, self.w_k, self.b_k)
         v = self._project(x_BxTxD, self.w_v, self.b_v)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self._qk_norm(self.q_norm, q), self._qk_norm(self.k_norm, k)
         q, k = apply_rope(q, cos_BxTxR, sin_BxTxR), apply_rope(k, cos_BxTxR, sin_BxTxR)
         if layer_cache is not None:
             layer_cache = {"k": kv_cache.write_slots(layer_cache["k"], k, cache_index),

@@ -35,7 +35,7 @@ class MLAttention(nnx.Module):
         qk = self.nope + self.rope
         if cfg.q_lora_rank:
             self.w_dq = make_param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), dtype=pdt)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.latent_norm_eps, rngs=rngs, param_dtype=pdt)
             self.w_uq = make_param(rngs, (cfg.q_lora_rank, h, qk), ("q_lora", "q_heads", "head_dim"),
                                    dtype=pdt)
         else:
@@ -43,7 +43,7 @@ class MLAttention(nnx.Module):
             self.w_uq = make_param(rngs, (d, h, qk), ("embed", "q_heads", "head_dim"), dtype=pdt)
         # W_DKV and W_KR fused into one projection, as in the released checkpoints.
         self.w_dkv_kr = make_param(rngs, (d, r + self.rope), ("embed", "kv_lora"), dtype=pdt)
-        self.kv_norm = RMSNorm(r, eps=cfg.norm_eps, rngs=rngs, param_dtype=pdt)
+        self.kv_norm = RMSNorm(r, eps=cfg.latent_norm_eps, rngs=rngs, param_dtype=pdt)
         self.w_uk = make_param(rngs, (r, h, self.nope), ("kv_lora", "q_heads", "head_dim"), dtype=pdt)
         self.w_uv = make_param(rngs, (r, h, self.v_dim), ("kv_lora", "q_heads", "head_dim"), dtype=pdt)
         self.w_o = make_param(rngs, (h, self.v_dim, d), ("q_heads", "head_dim", "embed"), dtype=pdt)

@@ -50,16 +50,24 @@ class MoELayer(nnx.Module):
         self.shared = (MLP(d, cfg.n_shared_experts * f, rngs=rngs, param_dtype=pdt)
                        if cfg.n_shared_experts else None)
 
-    def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, dict]:
-        """`mask_BxT` is False on padding. The stats dict holds `aux_loss` (the weighted sum of the
-        enabled balance losses), each loss unweighted, `load` (tokens per expert), `max_vio`,
-        `dropped_fraction` and `router_entropy`."""
+    def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array, expert_idx_BxTxK: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict]:
+        """`mask_BxT` is False on padding. `expert_idx_BxTxK` replays recorded expert choices
+        instead of routing (GSPO's routing replay); the gate values still come from this
+        router's scores, so it is still trained. The stats dict holds `aux_loss` (the weighted
+        sum of the enabled balance losses), each loss unweighted, `load` (tokens per expert),
+        `max_vio`, `dropped_fraction`, `router_entropy` and the choices, `expert_idx` `[B, T, K]`."""
         cfg = self.cfg
         b, t, d = x_BxTxD.shape
         x_NxD, mask_N = x_BxTxD.reshape(b * t, d), mask_BxT.reshape(b * t)
         # The gate runs in fp32: top-k choices are sensitive to rounding.
         logits_NxE = x_NxD.astype(jnp.float32) @ self.w_router[...].astype(jnp.float32)
-        expert_idx_NxK, weights_NxK, scores_NxE = router.route(logits_NxE, self.router_bias[...], cfg)
+        if expert_idx_BxTxK is None:
+            expert_idx_NxK, weights_NxK, scores_NxE = router.route(logits_NxE, self.router_bias[...], cfg)
+        else:
+            expert_idx_NxK = expert_idx_BxTxK.reshape(b * t, -1).astype(jnp.int32)
+            scores_NxE = router.router_scores(logits_NxE, cfg.score_func)
+            weights_NxK = router.gate_weights(scores_NxE, expert_idx_NxK, cfg)
         experts = (x_NxD, expert_idx_NxK, weights_NxK, self.w_gate[...], self.w_up[...], self.w_down[...])
         backend = resolve_dispatch(cfg.moe_dispatch)
         mesh_and_rules = active_mesh_and_rules()
@@ -75,6 +83,7 @@ class MoELayer(nnx.Module):
             y_NxD = y_NxD + self.shared(x_NxD)
         stats = self._stats(logits_NxE, scores_NxE, expert_idx_NxK, mask_N, (b, t))
         stats["dropped_fraction"] = dropped_fraction
+        stats["expert_idx"] = expert_idx_NxK.reshape(b, t, -1)
         return y_NxD.reshape(b, t, d), stats
 
     def _stats(self, logits_NxE, scores_NxE, expert_idx_NxK, mask_N, batch_shape) -> dict:

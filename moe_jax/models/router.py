@@ -2,7 +2,8 @@
 
 Pure functions, one per equation, so each can be held against its paper:
 - `route`: DeepSeek-V3 eq. 12-16 (with the selection bias of §2.1.2) and group-limited routing
-  (DeepSeek-V2 §3.2.1 / V3's `noaux_tc`: a group scores as the sum of its top-2 experts).
+  (DeepSeek-V3's `noaux_tc`: a group scores as the sum of its top-2 experts; DeepSeek-V2 §3.2.1
+  `group_limited_greedy`: as its best expert).
 - `switch_balance_loss`: Switch Transformer eq. 4 (Fedus et al. 2021) / GShard.
 - `sequence_balance_loss`: DeepSeek-V3's complementary sequence-wise loss, eq. 17-20.
 - `router_z_loss`: ST-MoE eq. 5 (Zoph et al. 2022).
@@ -25,11 +26,16 @@ def router_scores(logits_NxE: jax.Array, score_func: str) -> jax.Array:
     return jax.nn.sigmoid(logits) if score_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
 
 
-def _limit_to_top_groups(choice_NxE: jax.Array, n_group: int, topk_group: int) -> jax.Array:
-    """Keep only experts in the `topk_group` best groups (group score = sum of its top-2)."""
+def _limit_to_top_groups(choice_NxE: jax.Array, n_group: int, topk_group: int,
+                         group_score: str = "top2_sum") -> jax.Array:
+    """Keep only experts in the `topk_group` best groups; a group scores the sum of its top-2
+    experts (V3's `noaux_tc`) or its best expert (`max`, V2's `group_limited_greedy`)."""
     n, e = choice_NxE.shape
     grouped_NxGxM = choice_NxE.reshape(n, n_group, e // n_group)
-    group_score_NxG = jax.lax.top_k(grouped_NxGxM, 2)[0].sum(-1)
+    if group_score == "max":
+        group_score_NxG = grouped_NxGxM.max(-1)
+    else:
+        group_score_NxG = jax.lax.top_k(grouped_NxGxM, 2)[0].sum(-1)
     _, top_groups_NxK = jax.lax.top_k(group_score_NxG, topk_group)
     keep_NxG = jnp.zeros((n, n_group), bool).at[jnp.arange(n)[:, None], top_groups_NxK].set(True)
     return jnp.where(keep_NxG[:, :, None], grouped_NxGxM, -jnp.inf).reshape(n, e)
@@ -45,12 +51,18 @@ def route(logits_NxE: jax.Array, bias_E: jax.Array | None, cfg: ModelConfig
     scores_NxE = router_scores(logits_NxE, cfg.score_func)
     choice_NxE = scores_NxE if bias_E is None else scores_NxE + jax.lax.stop_gradient(bias_E)
     if cfg.n_group > 1:
-        choice_NxE = _limit_to_top_groups(choice_NxE, cfg.n_group, cfg.topk_group)
+        choice_NxE = _limit_to_top_groups(choice_NxE, cfg.n_group, cfg.topk_group, cfg.group_score)
     _, expert_idx_NxK = jax.lax.top_k(choice_NxE, cfg.top_k)
+    return expert_idx_NxK.astype(jnp.int32), gate_weights(scores_NxE, expert_idx_NxK, cfg), scores_NxE
+
+
+def gate_weights(scores_NxE: jax.Array, expert_idx_NxK: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The gate values g_{i,t} of the chosen experts (V3 eq. 13): their unbiased scores,
+    normalised over the top-k if `norm_topk_prob`, times `routed_scaling_factor`."""
     weights_NxK = jnp.take_along_axis(scores_NxE, expert_idx_NxK, axis=-1)
     if cfg.norm_topk_prob:
         weights_NxK = weights_NxK / (weights_NxK.sum(-1, keepdims=True) + 1e-20)
-    return expert_idx_NxK.astype(jnp.int32), weights_NxK * cfg.routed_scaling_factor, scores_NxE
+    return weights_NxK * cfg.routed_scaling_factor
 
 
 def expert_counts(expert_idx_NxK: jax.Array, mask_N: jax.Array, n_experts: int) -> jax.Array:

@@ -39,13 +39,13 @@ class Block(nnx.Module):
                                                             param_dtype=pdt)
 
     def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache=None,
-                 cache_index=None) -> tuple[jax.Array, dict | None, dict | None]:
+                 cache_index=None, expert_idx_BxTxK=None) -> tuple[jax.Array, dict | None, dict | None]:
         attn_out, layer_cache = self.attn(self.attn_norm(x_BxTxD), *rope, mask_Bx1xTxS,
                                           layer_cache, cache_index)
         x_BxTxD = x_BxTxD + attn_out
         h = self.ffn_norm(x_BxTxD)
         if isinstance(self.ffn, MoELayer):
-            ffn_out, moe_stats = self.ffn(h, token_mask_BxT)
+            ffn_out, moe_stats = self.ffn(h, token_mask_BxT, expert_idx_BxTxK)
         else:
             ffn_out, moe_stats = self.ffn(h), None
         return x_BxTxD + ffn_out, layer_cache, moe_stats
@@ -91,9 +91,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None, cache: dict | None = None,
-                 mtp: bool = True) -> tuple[jax.Array, dict]:
+                 mtp: bool = True, routing_LxBxTxK: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Segment id 0 marks padding. `mtp=False` skips the MTP modules (RL and scoring need
-        only the main logits). Positions default to each segment's own count from 0; when
+        only the main logits). `routing_LxBxTxK` replays the main MoE layers' expert choices
+        recorded in an earlier forward (`aux["router"]["expert_idx"]`). Positions default to each segment's own count from 0; when
         decoding, to the row's number of cached non-padding tokens plus that count (right for
         left-padded prompts; pass positions explicitly for anything else)."""
         cfg = self.cfg
@@ -117,7 +118,8 @@ class Transformer(nnx.Module):
         moe_stats, new_layer_caches = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache, stats = block(x, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache, cache_index)
+            replay = None if routing_LxBxTxK is None or not cfg.is_moe_layer(i) else routing_LxBxTxK[len(moe_stats)]
+            x, layer_cache, stats = block(x, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache, cache_index, replay)
             x = constrain(x, _ACT_BTD)
             new_layer_caches.append(layer_cache)
             if stats is not None:

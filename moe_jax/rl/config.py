@@ -34,6 +34,7 @@ class GRPOConfig(ExperimentConfig):
     minibatches: int = 1  # optimizer updates per pass over the generation batch
     mask_truncated_completions: bool = False  # DAPO: completions that hit the budget do not count
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens (0: off)
+    routing_replay: bool = False  # MoE: the μ updates reuse the old policy's expert choices (GSPO)
     dynamic_sampling: bool = False  # DAPO: train on groups whose rewards differ, sampling more
     max_resamples: int = 3  # extra prompt batches dynamic sampling may draw per step
     # --- rewards ---

@@ -26,13 +26,16 @@ def rollout_rows(prompt_tokens_BxP: jax.Array, prompt_segment_ids_BxP: jax.Array
 
 def completion_logprobs(model: Transformer, tokens_BxS: jax.Array, segment_ids_BxS: jax.Array,
                         n_completion: int, *, temperature: float = 1.0, top_p: float = 1.0,
-                        top_k: int = 0) -> tuple[jax.Array, jax.Array, dict]:
+                        top_k: int = 0, routing_LxBxSxK: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array, dict]:
     """(log-probs `[B, N]` of the last N tokens, their entropies `[B, N]`, the model's aux).
 
     The logits at slot t predict the token at t + 1, so the completion (slots S-N .. S-1) is
     scored by slots S-N-1 .. S-2. Entropy is of the sampling distribution (a metric; its
-    gradient is not used). The MTP heads are skipped: RL has no use for them."""
-    logits_BxSxV, aux = model(tokens_BxS, segment_ids_BxT=segment_ids_BxS, mtp=False)
+    gradient is not used). The MTP heads are skipped: RL has no use for them. `routing_LxBxSxK`
+    replays recorded expert choices (`aux["router"]["expert_idx"]` of an earlier call)."""
+    logits_BxSxV, aux = model(tokens_BxS, segment_ids_BxT=segment_ids_BxS, mtp=False,
+                              routing_LxBxTxK=routing_LxBxSxK)
     logits_BxNxV = logits_BxSxV[:, -n_completion - 1:-1]
     b, n, v = logits_BxNxV.shape
     filtered = sampling_logits(logits_BxNxV.reshape(b * n, v), temperature, top_p, top_k)

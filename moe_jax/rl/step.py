@@ -43,6 +43,7 @@ class GRPOLoss:
     top_k: int = 0
     num_iterations: int = 1  # μ
     minibatches: int = 1  # optimizer updates per pass over the generation batch
+    routing_replay: bool = False  # MoE: every update reuses the experts the old policy chose
 
 
 def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss, *,
@@ -59,6 +60,8 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
         # DAPO's token-level normaliser from the whole generation batch (all devices), as the
         # mean token count of one minibatch, so every update sees the same scale.
         dapo_normalizer = jnp.maximum(rollout["mask"].sum(), 1) / loss.minibatches
+        if loss.routing_replay and cfg.is_moe:
+            rollout = {**rollout, "routing": _record_routing(nnx.merge(graphdef, state)[0], rollout)}
         minibatches = jax.tree.map(lambda x: x.reshape(loss.minibatches, -1, *x.shape[1:]), rollout)
 
         def update(state, index):
@@ -70,7 +73,8 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
                 policy = nnx.merge(params_graph, params, rest)
                 logp, entropy, aux = completion_logprobs(
                     policy, batch["tokens"], batch["segment_ids"], n_completion,
-                    temperature=loss.temperature, top_p=loss.top_p, top_k=loss.top_k)
+                    temperature=loss.temperature, top_p=loss.top_p, top_k=loss.top_k,
+                    routing_LxBxSxK=batch["routing"].swapaxes(0, 1) if "routing" in batch else None)
                 value, metrics = policy_loss(
                     logp, batch["old_logp"], batch["advantages"], batch["mask"],
                     loss_type=loss.loss_type, epsilon=loss.epsilon, epsilon_high=loss.epsilon_high,
@@ -95,6 +99,14 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
         return state, jax.tree.map(lambda m: m.mean(0), metrics)
 
     return jit_over_mesh(step, state, mesh, donate=True), state
+
+
+def _record_routing(model: Transformer, rollout: Rollout) -> jax.Array:
+    """The main MoE layers' expert choices `[B, L, S, K]` for the rollout under the current (old)
+    policy — GSPO §5's routing replay: the μ inner updates route every token as the policy that
+    produced the old log-probs did, so the ratio compares the same sub-networks."""
+    _, aux = model(rollout["tokens"], segment_ids_BxT=rollout["segment_ids"], mtp=False)
+    return jax.lax.stop_gradient(aux["router"]["expert_idx"]).swapaxes(0, 1)
 
 
 def make_logprob_fn(model: Transformer, loss: GRPOLoss, *, mesh: Mesh | None = None

@@ -131,6 +131,20 @@ def check_finite(step: int, metrics: dict[str, Any], last_good: int | None) -> N
 
 
 def load_init_from(model: Transformer, init_from: str) -> None:
+    """Starting weights: a run or Orbax checkpoint path, or `hf:<folder>`, a Hugging Face model
+    folder, read shard by shard straight into the model's shardings."""
+    if init_from.startswith("hf:"):
+        from moe_jax.interop import load_hf_into  # only runs that ask for it pay the import
+
+        folder = init_from[len("hf:"):]
+        try:
+            load_hf_into(model, folder)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--init_from={init_from}: {e}. Fix: give config.model the checkpoint's "
+                             "architecture (a preset such as --config=qwen2.5-0.5b, or "
+                             "--config.model.<field>=... overrides)") from e
+        logging.info("initialised the model from the Hugging Face folder %s", folder)
+        return
     directory, step = checkpoint_location(init_from)
     checkpointer = Checkpointer(directory, save_every=1)
     try:
