@@ -1,9 +1,10 @@
 """DeepSeek-R1-Zero in miniature: pretrain a base model on imperfect worked solutions (unless the
-workdir already has one), then improve it with pure RL — GRPO on rule-based rewards.
+workdir already has one), then improve it with pure RL — GRPO on rule-based rewards — and
+watch the held-out greedy accuracy climb.
 
     python experiments/r1_zero.py --workdir=/tmp/r1_zero                 # tiny-moe, arithmetic
     python experiments/r1_zero.py --workdir=/tmp/r1_cd --config.task=countdown \
-        --config.task_options=max_numbers=3 --base_steps=3000
+        --config.task_options=max_numbers=3 --config.error_rate=0.1 --base_steps=3000
 
 `<workdir>/base` is the pretraining run and `<workdir>/grpo` the RL run; each resumes when the
 command is run again. `--config.*` configures the GRPO stage (and, through `model`, `task`,
@@ -23,22 +24,28 @@ from moe_jax.rl.trainer import train_grpo
 from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.trainer import train
 
-# The RL stage of the main job: 16 prompts × 8 samples, 48-token completions.
-R1_ZERO_DEFAULTS = {"steps": 60, "batch_size": 128, "seq_len": 80, "max_new_tokens": 48,
-                    "learning_rate": 3e-4, "warmup_steps": 3, "weight_decay": 0.0, "eval_every": 10,
+# The corpus: 1-3 digit additions whose flawed traces (70% of them) share one misconception,
+# dropping every carry, so the base model has it as a competing habit (about 40% greedy
+# accuracy). The RL stage: 16 prompts x 8 samples, completions up to 96 tokens.
+R1_ZERO_DEFAULTS = {"task_options": "max_digits=3,ops=+,slip=carry", "error_rate": 0.7,
+                    "steps": 40, "batch_size": 128, "seq_len": 128, "max_new_tokens": 96,
+                    "learning_rate": 2e-4, "warmup_steps": 3, "weight_decay": 0.0, "eval_every": 10,
                     "checkpoint_every": 10, "eval_batches": 0, "eval_problems": 128,
-                    "eval_max_new_tokens": 48, "log_every": 5}
+                    "eval_max_new_tokens": 96, "log_every": 5}
 
 config_flags.define_config_flags(config_class=GRPOConfig)
 define_run_flags()
-flags.DEFINE_integer("base_steps", 400, "pretraining steps of the base model (a weak, imperfect one)")
+flags.DEFINE_integer("base_steps", 1000, "pretraining steps of the base model")
 FLAGS = flags.FLAGS
 
 
 def base_config(rl: GRPOConfig, steps: int) -> ExperimentConfig:
-    """The pretraining run behind `rl`: the same model, task, template and seed."""
+    """The pretraining run behind `rl`: the same model, task, template and seed, on a corpus with
+    `rl.error_rate` flawed traces, evaluated like the RL stage."""
     return ExperimentConfig(model=rl.model, steps=steps, task=rl.task, task_options=rl.task_options,
-                            template=rl.template, seed=rl.seed, eval_every=steps, checkpoint_every=steps)
+                            template=rl.template, seed=rl.seed, error_rate=rl.error_rate,
+                            eval_every=steps, checkpoint_every=steps, eval_problems=rl.eval_problems,
+                            eval_max_new_tokens=rl.eval_max_new_tokens)
 
 
 def main(argv: list[str]) -> None:

@@ -3,7 +3,8 @@ flag away (`--config.loss_type=dr_grpo`, `--config.importance_sampling_level=seq
 
 Per step, `batch_size` completions are sampled: `batch_size / group_size` prompts, `group_size`
 samples each; every row holds `seq_len` tokens, the prompt (left-padded) taking
-`seq_len - max_new_tokens` of them.
+`seq_len - max_new_tokens` of them. The corpus fields (`error_rate`, `loss_on_prompt`,
+`microbatches`) play no part in RL; `r1_zero.py` reads `error_rate` for its base corpus.
 """
 
 from __future__ import annotations
