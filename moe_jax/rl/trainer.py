@@ -34,11 +34,9 @@ from moe_jax.rl.step import GRPOLoss, make_grpo_step, make_logprob_fn
 from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from moe_jax.train.evaluation import Evaluator, completion_text
 from moe_jax.train.experiment_config import parse_task_options
-from moe_jax.train.metrics import METRICS_FILE, MetricsWriter, plot_metrics
 from moe_jax.train.preemption import PreemptionWatcher
-from moe_jax.train.progress import Progress
+from moe_jax.train.run_log import RunLog
 from moe_jax.train.trainer import (
-    PLOT_FILE,
     Hook,
     check_finite,
     init_model_and_optimizer,
@@ -104,15 +102,15 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
         prompts.set_state(data_state["prompts"])
         logging.info("resumed %s from step %d", workdir, start)
 
-    writer = MetricsWriter(workdir, resume_step=start) if is_lead else None
-    progress = Progress(cfg.steps, start_step=start, every_s=10.0, keys={"reward": "reward",
-                                                                         "eval/accuracy": "acc"})
+    run_log = RunLog(workdir, steps=cfg.steps, start=start, is_lead=is_lead,
+                     progress_keys={"reward": "reward", "eval/accuracy": "acc"},
+                     plot_keys=["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length",
+                                "kl", "entropy", "clip_ratio/region_mean", "grad_norm"])
     status, host, step = "finished", {}, start
     try:
         if start == 0:  # the starting point of the curve: the base model's accuracy
             host = evaluator(nnx.merge(model_graphdef, state[0]))
-            if writer:
-                writer.write(0, host)
+            run_log.write(0, host)
             logging.info("step 0: %s", host)
         with PreemptionWatcher() as preemption:
             for step in range(start + 1, cfg.steps + 1):
@@ -127,9 +125,7 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
                     host.update(evaluator(nnx.merge(model_graphdef, state[0])))
                     logging.info("step %d: reward %.3f eval/accuracy %.3f", step, host["reward"],
                                  host["eval/accuracy"])
-                if writer:
-                    writer.write(step, host)
-                progress.update(step, host)
+                run_log.write(step, host)
                 if stop or step == cfg.steps or step % cfg.checkpoint_every == 0:
                     checkpointer.save(step, state, {"prompts": prompts.get_state()}, force=True)
                 if stop:
@@ -137,14 +133,9 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
                     logging.warning("preemption notice: saved step %d; rerun to resume", step)
                     break
     finally:
-        progress.close()
+        run_log.close()
         checkpointer.close()
-        if writer:
-            writer.close()
-    if is_lead:
-        plot_metrics(os.path.join(workdir, METRICS_FILE), os.path.join(workdir, PLOT_FILE),
-                     keys=["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length",
-                           "kl", "entropy", "clip_ratio/region_mean", "grad_norm"])
+    run_log.plot()
     return {"status": status, "step": step, "metrics": host}
 
 

@@ -37,14 +37,13 @@ from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, checkpoint_location
 from moe_jax.train.evaluation import Evaluator
 from moe_jax.train.experiment_config import ExperimentConfig, config_differences, parse_task_options
-from moe_jax.train.metrics import METRICS_FILE, MetricsWriter, mfu, plot_metrics
+from moe_jax.train.metrics import mfu
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from moe_jax.train.preemption import PreemptionWatcher
-from moe_jax.train.progress import Progress
+from moe_jax.train.run_log import RunLog
 from moe_jax.train.step import make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
-PLOT_FILE = "metrics.png"
 THROUGHPUT_WINDOW = 10  # steps over which tokens/s is measured
 # `hook(step, state)` runs after step N is dispatched (e.g. a custom probe, or a test's kill).
 Hook = Callable[[int, nnx.State], None]
@@ -197,8 +196,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
     step_flops = flops_per_token(model_cfg, cfg.seq_len)
     flops = step_flops["total"] + step_flops["mtp"]
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    writer = MetricsWriter(workdir, resume_step=start) if is_lead else None
-    progress = Progress(cfg.steps, start_step=start, every_s=10.0)
+    run_log = RunLog(workdir, steps=cfg.steps, start=start, is_lead=is_lead)
     status, last_metrics, step = "finished", {}, start
     last_good = start or None
     fetched_at: collections.deque[float] = collections.deque(maxlen=THROUGHPUT_WINDOW + 1)
@@ -215,9 +213,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
         return host
 
     def log(step: int, host: dict) -> dict:
-        if writer:
-            writer.write(step, host)
-        progress.update(step, host)
+        run_log.write(step, host)
         return host
 
     pending = None  # (step, device metrics) dispatched but not yet fetched
@@ -253,10 +249,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
                     logging.warning("preemption notice: saved step %d; rerun to resume", step)
                     break
     finally:
-        progress.close()
+        run_log.close()
         checkpointer.close()
-        if writer:
-            writer.close()
-    if is_lead:
-        plot_metrics(os.path.join(workdir, METRICS_FILE), os.path.join(workdir, PLOT_FILE))
+    run_log.plot()
     return {"status": status, "step": step, "metrics": last_metrics}
