@@ -3,6 +3,7 @@ resumes instead of starting over."""
 
 import dataclasses
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -24,11 +25,18 @@ TRL_NAMES = {"reward", "reward_std", "rewards/accuracy/mean", "rewards/format/me
              "time/training", "tokens_per_s", "loss", "grad_norm"}
 
 
-def test_grpo_run_logs_trl_metrics_checkpoints_and_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
     from moe_jax.rl.trainer import train_grpo
 
-    workdir = str(tmp_path / "grpo")
-    result = train_grpo(CFG, workdir)
+    workdir = str(tmp_path_factory.mktemp("grpo"))
+    return workdir, train_grpo(CFG, workdir)
+
+
+def test_grpo_run_logs_trl_metrics_checkpoints_and_resumes(finished_run):
+    from moe_jax.rl.trainer import train_grpo
+
+    workdir, result = finished_run
     assert (result["status"], result["step"]) == ("finished", 2)
     metrics = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert [m["step"] for m in metrics] == [0, 1, 2]
@@ -43,6 +51,28 @@ def test_grpo_run_logs_trl_metrics_checkpoints_and_resumes(tmp_path):
     again = train_grpo(CFG, workdir)  # the same command: it finds the run finished
     assert again["step"] == 2
     assert [m["step"] for m in read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [0, 1, 2]
+
+
+def test_preempted_and_resumed_grpo_equals_uninterrupted_with_the_same_kl_reference(finished_run, tmp_path):
+    """Started from another run's weights with a KL term: the resumed run must rebuild the same
+    reference policy and draw the same samples, so step 2 matches the uninterrupted run."""
+    from moe_jax.rl.trainer import train_grpo
+
+    source = finished_run[0]
+    cfg = dataclasses.replace(CFG, eval_every=10, eval_problems=1)
+    straight = train_grpo(cfg, str(tmp_path / "straight"), init_from=source)
+
+    def sigterm_at_step_1(step, state):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    workdir = str(tmp_path / "resumed")
+    assert train_grpo(cfg, workdir, init_from=source, hooks=[sigterm_at_step_1])["status"] == "preempted"
+    resumed = train_grpo(cfg, workdir, init_from=source)
+    for name in ("loss", "kl", "reward", "grad_norm", "clip_ratio/region_mean"):
+        np.testing.assert_allclose(resumed["metrics"][name], straight["metrics"][name], rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+    assert resumed["metrics"]["kl"] > 0
 
 
 def test_dynamic_sampling_keeps_informative_groups_and_tops_up_at_the_cap():

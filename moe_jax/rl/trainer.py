@@ -73,7 +73,8 @@ def score(cfg: GRPOConfig, task, problems: list, texts: list[str], lengths_B: np
 
 def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
                init_from: str | None = None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-    """Run (or resume) GRPO in `workdir`; returns `{"status", "step", "metrics"}` like `train`."""
+    """Run (or resume) GRPO in `workdir`; returns `{"status", "step", "metrics"}` like `train`.
+    `init_from` gives the starting policy, which is also the frozen reference when `beta` > 0."""
     is_lead = prepare_workdir(cfg, workdir)
     mesh = make_mesh(mesh_spec or "auto")
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -81,7 +82,7 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
     model, optimizer = init_model_and_optimizer(cfg, mesh)
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=cfg.checkpoint_every,
                                 keep=cfg.keep_checkpoints)
-    if init_from and checkpointer.latest_step() is None:
+    if init_from:  # also when resuming: it is the KL term's reference (the state is restored below)
         load_init_from(model, init_from)
     loss = grpo_loss_of(cfg)
     # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
