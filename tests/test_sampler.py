@@ -179,3 +179,23 @@ def test_truncated_flags_rows_without_eos(moe_setup):
     out = moe_setup.generate(eos_id=eos)
     expected = [eos not in row for row in moe_setup.ref_tokens]
     np.testing.assert_array_equal(out["truncated"], expected)
+
+
+def test_sampling_on_a_mesh_equals_one_device(moe_setup):
+    """The rollout path of GRPO: the model sharded over 8 devices (data × expert), the prompts
+    split over the batch axes, the same tokens and log-probs as on one device."""
+    from moe_jax.parallel import init_sharded, make_mesh, use_mesh
+    from moe_jax.parallel.distributed import global_batch_array
+
+    mesh = make_mesh("data=2,expert=4")
+    sharded = init_sharded(lambda: moe_setup.model, mesh)
+    rows = 8  # divisible by the 8 batch shards
+    prompt_BxP = np.resize(np.asarray(moe_setup.prompt_BxP), (rows, P))
+    segments_BxP = np.resize(np.asarray(moe_setup.segments_BxP), (rows, P))
+    kwargs = {"max_new_tokens": N, "eos_id": NO_EOS, "pad_id": PAD, "rng": jax.random.key(9), "temperature": 1.0}
+    single = jit_generate(moe_setup.model, jnp.asarray(prompt_BxP), jnp.asarray(segments_BxP), **kwargs)
+    with use_mesh(mesh):
+        spread = jit_generate(sharded, global_batch_array(prompt_BxP, mesh), global_batch_array(segments_BxP, mesh),
+                              **kwargs)
+    np.testing.assert_array_equal(np.asarray(spread["tokens"]), np.asarray(single["tokens"]))
+    np.testing.assert_allclose(np.asarray(spread["logprobs"]), np.asarray(single["logprobs"]), atol=1e-5)
