@@ -3,8 +3,9 @@ flag away (`--config.loss_type=dr_grpo`, `--config.importance_sampling_level=seq
 
 Per step, `batch_size` completions are sampled: `batch_size / group_size` prompts, `group_size`
 samples each; every row holds `seq_len` tokens, the prompt (left-padded) taking
-`seq_len - max_new_tokens` of them. The corpus fields (`error_rate`, `loss_on_prompt`,
-`microbatches`) play no part in RL; `r1_zero.py` reads `error_rate` for its base corpus.
+`seq_len - max_new_tokens` of them; each of the `minibatches` updates accumulates its gradient
+over `microbatches` scans. The corpus fields (`error_rate`, `loss_on_prompt`) play no part in
+RL; `r1_zero.py` reads `error_rate` for its base corpus.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ class GRPOConfig(ExperimentConfig):
         if self.batch_size % self.group_size:
             fail("batch_size", f"{self.batch_size} completions do not split into groups of "
                  f"{self.group_size}", "make batch_size a multiple of group_size")
-        if self.batch_size % self.minibatches:
-            fail("minibatches", f"{self.minibatches} does not divide batch_size={self.batch_size}",
-                 "pick a divisor of batch_size")
+        if self.batch_size % (self.minibatches * self.microbatches):
+            fail("microbatches", f"minibatches x microbatches = {self.minibatches} x {self.microbatches} "
+                 f"does not divide batch_size={self.batch_size}", "pick divisors of batch_size")
         if self.seq_len <= self.max_new_tokens:
             fail("seq_len", f"{self.seq_len} leaves no room for a prompt next to max_new_tokens="
                  f"{self.max_new_tokens}", "raise seq_len (it is prompt + completion)")

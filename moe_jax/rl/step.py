@@ -1,5 +1,5 @@
 """The jitted GRPO step: μ inner iterations over the minibatches of one generation batch, each
-minibatch one optimizer update (the clipped surrogate of `grpo.policy_loss` plus the MoE balance
+minibatch one optimizer update (its gradient accumulated over `microbatches` scans) (the clipped surrogate of `grpo.policy_loss` plus the MoE balance
 losses), each followed by the loss-free router-bias update — all one XLA program with the state
 donated and, over a mesh, kept in its sharding.
 
@@ -43,6 +43,7 @@ class GRPOLoss:
     top_k: int = 0
     num_iterations: int = 1  # μ
     minibatches: int = 1  # optimizer updates per pass over the generation batch
+    microbatches: int = 1  # gradient accumulation: scans per minibatch (memory, not maths)
     routing_replay: bool = False  # MoE: every update reuses the experts the old policy chose
 
 
@@ -64,31 +65,44 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
             rollout = {**rollout, "routing": _record_routing(nnx.merge(graphdef, state)[0], rollout)}
         minibatches = jax.tree.map(lambda x: x.reshape(loss.minibatches, -1, *x.shape[1:]), rollout)
 
+        def chunk_loss(params, params_graph, rest, chunk, weight):
+            """This microbatch's share of its minibatch's loss (`weight`: see `_chunk_weight`)."""
+            policy = nnx.merge(params_graph, params, rest)
+            logp, entropy, aux = completion_logprobs(
+                policy, chunk["tokens"], chunk["segment_ids"], n_completion,
+                temperature=loss.temperature, top_p=loss.top_p, top_k=loss.top_k,
+                routing_LxBxSxK=chunk["routing"].swapaxes(0, 1) if "routing" in chunk else None)
+            value, metrics = policy_loss(
+                logp, chunk["old_logp"], chunk["advantages"], chunk["mask"],
+                loss_type=loss.loss_type, epsilon=loss.epsilon, epsilon_high=loss.epsilon_high,
+                beta=loss.beta, ref_logp_BxT=chunk.get("ref_logp"),
+                importance_sampling_level=loss.importance_sampling_level,
+                max_completion_length=loss.max_completion_length,
+                normalizer=dapo_normalizer if loss.loss_type == "dapo" else None, entropy_BxT=entropy)
+            metrics = {**metrics, "policy_loss": weight * value, "moe_aux_loss": aux["moe_aux_loss"]}
+            if "router" in aux:
+                metrics["maxvio"] = aux["router"]["max_vio"]
+            loads = aux["router"]["load"] if "router" in aux else jnp.zeros((0,))
+            return weight * value + aux["moe_aux_loss"] / loss.microbatches, (metrics, loads)
+
         def update(state, index):
             model, optimizer = nnx.merge(graphdef, state)
-            batch = jax.tree.map(lambda x: x[index % loss.minibatches], minibatches)
+            minibatch = jax.tree.map(lambda x: x[index % loss.minibatches], minibatches)
+            chunks = jax.tree.map(lambda x: x.reshape(loss.microbatches, -1, *x.shape[1:]), minibatch)
+            weights = _chunk_weight(loss, chunks["mask"])
             params_graph, params, rest = nnx.split(model, nnx.Param, ...)
+            grad_fn = jax.value_and_grad(
+                lambda params, chunk, weight: chunk_loss(params, params_graph, rest, chunk, weight), has_aux=True)
 
-            def loss_fn(params):
-                policy = nnx.merge(params_graph, params, rest)
-                logp, entropy, aux = completion_logprobs(
-                    policy, batch["tokens"], batch["segment_ids"], n_completion,
-                    temperature=loss.temperature, top_p=loss.top_p, top_k=loss.top_k,
-                    routing_LxBxSxK=batch["routing"].swapaxes(0, 1) if "routing" in batch else None)
-                value, metrics = policy_loss(
-                    logp, batch["old_logp"], batch["advantages"], batch["mask"],
-                    loss_type=loss.loss_type, epsilon=loss.epsilon, epsilon_high=loss.epsilon_high,
-                    beta=loss.beta, ref_logp_BxT=batch.get("ref_logp"),
-                    importance_sampling_level=loss.importance_sampling_level,
-                    max_completion_length=loss.max_completion_length,
-                    normalizer=dapo_normalizer if loss.loss_type == "dapo" else None, entropy_BxT=entropy)
-                metrics = {**metrics, "policy_loss": value, "moe_aux_loss": aux["moe_aux_loss"]}
-                if "router" in aux:
-                    metrics["maxvio"] = aux["router"]["max_vio"]
-                loads = aux["router"]["load"] if "router" in aux else jnp.zeros((0,))
-                return value + aux["moe_aux_loss"], (metrics, loads)
+            def accumulate(carry, chunk_and_weight):
+                (_, (metrics, loads)), grads = grad_fn(params, *chunk_and_weight)
+                return jax.tree.map(jnp.add, carry, (grads, loads)), metrics
 
-            (_, (metrics, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            no_loads = jnp.zeros((cfg.n_moe_layers, cfg.n_routed_experts) if cfg.is_moe else (0,))
+            zeros = (jax.tree.map(jnp.zeros_like, params), no_loads)
+            (grads, loads), metrics = jax.lax.scan(accumulate, zeros, (chunks, weights))
+            # Chunk means, except the loss: its chunks' shares add up to the minibatch's loss.
+            metrics = {k: v.sum(0) if k == "policy_loss" else v.mean(0) for k, v in metrics.items()}
             optimizer.update(model, grads)
             if cfg.is_moe and cfg.router_bias_rate > 0:
                 model.update_router_biases(loads)
@@ -99,6 +113,20 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
         return state, jax.tree.map(lambda m: m.mean(0), metrics)
 
     return jit_over_mesh(step, state, mesh, donate=True), state
+
+
+def _chunk_weight(loss: GRPOLoss, mask_CxBxT: jax.Array) -> jax.Array:
+    """`[C]` factors that make the microbatches' losses sum to their minibatch's: a per-sequence
+    mean ("grpo") or a fixed per-row denominator ("dr_grpo") weighs each of the C equal chunks
+    1/C; "bnpo" divides by the minibatch's token count, so a chunk weighs its share of the tokens;
+    "dapo" already divides by the generation batch's count, so every chunk weighs 1."""
+    chunks = mask_CxBxT.shape[0]
+    if loss.loss_type == "dapo":
+        return jnp.ones((chunks,), jnp.float32)
+    if loss.loss_type == "bnpo":
+        tokens_C = mask_CxBxT.reshape(chunks, -1).sum(-1).astype(jnp.float32)
+        return tokens_C / jnp.maximum(tokens_C.sum(), 1.0)
+    return jnp.full((chunks,), 1.0 / chunks, jnp.float32)
 
 
 def _record_routing(model: Transformer, rollout: Rollout) -> jax.Array:

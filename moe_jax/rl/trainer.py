@@ -50,7 +50,8 @@ def grpo_loss_of(cfg: GRPOConfig) -> GRPOLoss:
                     beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
                     max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
                     top_p=cfg.top_p, top_k=cfg.top_k, num_iterations=cfg.num_iterations,
-                    minibatches=cfg.minibatches, routing_replay=cfg.routing_replay)
+                    minibatches=cfg.minibatches, microbatches=cfg.microbatches,
+                    routing_replay=cfg.routing_replay)
 
 
 def score(cfg: GRPOConfig, task, problems: list, texts: list[str], lengths_B: np.ndarray
