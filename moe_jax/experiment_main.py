@@ -19,9 +19,10 @@ def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "rerunning on the same workdir resumes", required=True, flag_values=flag_values)
     flags.DEFINE_string("mesh", None, "device mesh, e.g. 'data=2,expert=4'; unset = every device on "
                         "'data'", flag_values=flag_values)
-    flags.DEFINE_string("init_from", None, "start from the weights of another run: its workdir or one "
-                        "checkpoint directory (ignored when --workdir already has checkpoints)",
-                        flag_values=flag_values)
+    flags.DEFINE_string("init_from", None, "start from the weights of another run (its workdir or one "
+                        "checkpoint directory) or of a Hugging Face folder (hf:<folder>); a run that "
+                        "resumes from its own checkpoints keeps them (GRPO still reads it for the KL "
+                        "reference)", flag_values=flag_values)
     define_distributed_flags(flag_values)
 
 
