@@ -122,7 +122,7 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
                 for hook in hooks:
                     hook(step, state)
                 check_finite(step, host, checkpointer.latest_step())
-                stop = preemption.requested or checkpointer.manager.reached_preemption(step)
+                stop = preemption.stop_requested(step, checkpointer.manager)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     host.update(evaluator(nnx.merge(model_graphdef, state[0])))
                     logging.info("step %d: reward %.3f eval/accuracy %.3f", step, host["reward"],

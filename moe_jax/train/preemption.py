@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Self
 
 import jax
+import orbax.checkpoint as ocp
 
 
 class PreemptionWatcher:
@@ -27,6 +28,11 @@ class PreemptionWatcher:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del signum, frame
         self.requested = True
+
+    def stop_requested(self, step: int, manager: ocp.CheckpointManager) -> bool:
+        """Whether the loop should checkpoint `step` and leave: SIGTERM was seen here, or (on a
+        multi-process run) JAX's preemption service has reached its sync point at `step`."""
+        return self.requested or manager.reached_preemption(step)
 
     def __enter__(self) -> Self:
         # Signal handlers can only be set from the main thread (not, e.g., a notebook worker).

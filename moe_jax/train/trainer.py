@@ -228,7 +228,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
                 pending = (step, metrics)
                 for hook in hooks:
                     hook(step, state)
-                stop = preemption.requested or checkpointer.manager.reached_preemption(step)
+                stop = preemption.stop_requested(step, checkpointer.manager)
                 final = step == cfg.steps
                 save = final or stop or step % cfg.checkpoint_every == 0
                 evaluate = final or step % cfg.eval_every == 0
