@@ -6,10 +6,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 from moe_jax.models import blocked_experts, expert_rows
 from moe_jax.models.dispatch import BACKENDS, capacity_per_expert, dispatch_experts
+from moe_jax.models.moe import CPU_DENSE_MAX_TOKENS, resolve_dispatch
 
 N, D, F, E = 64, 16, 8, 8
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -231,3 +233,23 @@ def test_unknown_backend_raises():
     prob = _problem(2)
     with pytest.raises(ValueError, match="unknown backend"):
         _run(prob, backend="onehot")
+
+
+@pytest.mark.parametrize("k,case", [(2, "balanced"), (2, "empty_experts")])
+def test_dense_equals_token_loop(k, case):
+    """The dense backend (the others' reference) against a per-token numpy loop over its experts."""
+    prob = _problem(k, case)
+    p = {name: np.asarray(v, np.float64) for name, v in prob.items() if name not in ("expert_idx", "mask")}
+    expected = np.stack([
+        sum(p["weights"][n, j] * ref.swiglu(p["x"][n], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
+            for j, e in enumerate(np.asarray(prob["expert_idx"][n])))
+        for n in range(N)])
+    np.testing.assert_allclose(_run(prob, backend="dense")[0], expected, **TOL)
+
+
+def test_auto_dispatch_by_platform_and_token_count():
+    assert resolve_dispatch("auto", CPU_DENSE_MAX_TOKENS, platform="cpu") == "dense"
+    assert resolve_dispatch("auto", CPU_DENSE_MAX_TOKENS + 1, platform="cpu") == "blocked"
+    assert resolve_dispatch("auto", None, platform="cpu") == "blocked"
+    assert resolve_dispatch("auto", 8, platform="gpu") == "ragged"
+    assert resolve_dispatch("capacity", 8, platform="cpu") == "capacity"

@@ -12,7 +12,7 @@ from flax import nnx
 
 from moe_jax.configs import get_preset
 from moe_jax.models import Transformer
-from moe_jax.models.sampler import jit_generate
+from moe_jax.models.sampler import first_argmax, jit_generate, sample_token, sampling_logits
 
 MODELS = {
     "mla-moe": dataclasses.replace(get_preset("tiny-moe"), n_layers=2),
@@ -199,3 +199,29 @@ def test_sampling_on_a_mesh_equals_one_device(moe_setup):
                               **kwargs)
     np.testing.assert_array_equal(np.asarray(spread["tokens"]), np.asarray(single["tokens"]))
     np.testing.assert_allclose(np.asarray(spread["logprobs"]), np.asarray(single["logprobs"]), atol=1e-5)
+
+
+def test_first_argmax_is_argmax_with_ties():
+    logits_BxV = jax.random.normal(jax.random.key(0), (16, 40))
+    logits_BxV = logits_BxV.at[3, 7].set(9.0).at[3, 30].set(9.0)  # a tie: the lower index wins
+    logits_BxV = logits_BxV.at[5].set(-jnp.inf).at[5, 12].set(0.0)  # filtered rows
+    np.testing.assert_array_equal(first_argmax(logits_BxV), jnp.argmax(logits_BxV, axis=-1))
+    assert int(first_argmax(logits_BxV)[3]) == 7
+
+
+def test_sampled_token_frequencies_follow_the_filtered_distribution():
+    """20k draws of one distribution (top-k 4, T 0.8): frequencies within 4.5 standard errors of
+    the probabilities, the same tokens as `jax.random.categorical` for the same key, and never a
+    token outside the top k."""
+    rows = 20_000
+    logits_V = jnp.asarray([1.0, 0.2, -0.5, 2.0, 0.7, -3.0, 1.5, 0.0])
+    logits_BxV = jnp.broadcast_to(logits_V, (rows, 8))
+    key = jax.random.key(3)
+    tokens_B, logp_B = jax.jit(sample_token, static_argnums=(2, 3, 4))(logits_BxV, key, 0.8, 1.0, 4)
+    filtered_V = sampling_logits(logits_V[None], 0.8, 1.0, 4)[0]
+    np.testing.assert_array_equal(tokens_B, jax.random.categorical(key, sampling_logits(logits_BxV, 0.8, 1.0, 4)))
+    probs_V = np.asarray(jax.nn.softmax(filtered_V))
+    freq_V = np.bincount(np.asarray(tokens_B), minlength=8) / rows
+    assert set(np.flatnonzero(freq_V)) <= {0, 3, 4, 6}
+    np.testing.assert_array_less(np.abs(freq_V - probs_V), 4.5 * np.sqrt(probs_V * (1 - probs_V) / rows) + 1e-12)
+    np.testing.assert_allclose(logp_B, np.log(probs_V)[np.asarray(tokens_B)], rtol=1e-6)

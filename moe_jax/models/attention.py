@@ -10,7 +10,7 @@ from flax import nnx
 
 from moe_jax.configs import ModelConfig
 from moe_jax.models import kv_cache
-from moe_jax.models.layers import RMSNorm, make_param
+from moe_jax.models.layers import RMSNorm, make_param, project
 from moe_jax.models.rope import apply_rope, yarn_softmax_scale
 
 
@@ -66,7 +66,7 @@ class GQAttention(nnx.Module):
         return norm(x_BxTxHxK.reshape(b, t, h * k)).reshape(b, t, h, k)
 
     def _project(self, x_BxTxD: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
-        y = jnp.einsum("btd,dhk->bthk", x_BxTxD, w[...].astype(x_BxTxD.dtype))
+        y = project(x_BxTxD, w[...])
         return y if b is None else y + b[...].astype(y.dtype)
 
     def __call__(self, x_BxTxD: jax.Array, cos_BxTxR: jax.Array, sin_BxTxR: jax.Array,
@@ -83,5 +83,5 @@ class GQAttention(nnx.Module):
                            "v": kv_cache.write_slots(layer_cache["v"], v, cache_index)}
             k, v = layer_cache["k"], layer_cache["v"]
         out_BxTxHxK = dot_product_attention(q, k, v, mask_Bx1xTxS, self.scale)
-        y = jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.w_o[...].astype(out_BxTxHxK.dtype))
+        y = project(out_BxTxHxK, self.w_o[...], in_axes=2)
         return y, layer_cache

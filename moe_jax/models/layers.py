@@ -7,6 +7,7 @@ Every parameter is an `nnx.Param` carrying `logical_axes` metadata (one name per
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -31,6 +32,23 @@ def make_param(
     if len(shape) != len(logical_axes):
         raise ValueError(f"shape {tuple(shape)} and logical_axes {tuple(logical_axes)} differ in rank")
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(logical_axes))
+
+
+def project(x: jax.Array, w: jax.Array, in_axes: int = 1) -> jax.Array:
+    """Contract the last `in_axes` axes of `x` with the first `in_axes` of `w` (cast to x's dtype):
+    `[..., *w.shape[:in_axes]] -> [..., *w.shape[in_axes:]]`, e.g. `btd,dhk->bthk` or
+    `bthk,hkd->btd`.
+
+    Computed as one 2-D matmul over the flattened tokens. The maths is the einsum's; the reason is
+    the backward pass: XLA:CPU lowers the weight gradient of a contraction over several token
+    axes (b, t) through a transposing copy fused into the cotangent's producer, which made the
+    model's backward ~2x slower than with 2-D operands (BUILD_NOTES.md, "GRPO step speed").
+    """
+    in_shape, out_shape = w.shape[:in_axes], w.shape[in_axes:]
+    lead = x.shape[: x.ndim - in_axes]
+    x_NxI = x.reshape(math.prod(lead), math.prod(in_shape))
+    y_NxO = x_NxI @ w.astype(x.dtype).reshape(math.prod(in_shape), math.prod(out_shape))
+    return y_NxO.reshape(*lead, *out_shape)
 
 
 class RMSNorm(nnx.Module):
@@ -61,7 +79,7 @@ class Linear(nnx.Module):
                                 dtype=param_dtype) if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...].astype(x.dtype)
+        y = project(x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
@@ -69,9 +87,8 @@ class Linear(nnx.Module):
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """SwiGLU feed-forward (Shazeer 2020): `(silu(x W_gate) * (x W_up)) W_down`."""
-    dtype = x.dtype
-    hidden = jax.nn.silu(x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype))
-    return hidden @ w_down.astype(dtype)
+    hidden = jax.nn.silu(project(x, w_gate)) * project(x, w_up)
+    return project(hidden, w_down)
 
 
 class MLP(nnx.Module):
@@ -99,4 +116,4 @@ class Embedding(nnx.Module):
         return jnp.take(self.table[...], tokens, axis=0).astype(dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return x @ self.table[...].astype(x.dtype).T
+        return project(x, self.table[...].T)

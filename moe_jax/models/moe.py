@@ -26,12 +26,23 @@ class RouterBias(nnx.Variable):
     optimizer built with `wrt=nnx.Param` never touches it and no gradient flows into it."""
 
 
-def resolve_dispatch(backend: str, platform: str | None = None) -> str:
+# On CPU, at most this many tokens per MoE call run every expert densely (three 2-D matmuls)
+# rather than the blocked backend, whose per-expert loop is pure overhead for the 64 tokens of a
+# decode step. Measured with E=8 (D=128) and E=64 (D=256): dense is faster up to 128 tokens and
+# slower from 256 (BUILD_NOTES.md, "GRPO step speed").
+CPU_DENSE_MAX_TOKENS = 128
+
+
+def resolve_dispatch(backend: str, n_tokens: int | None = None, platform: str | None = None) -> str:
     """`auto` picks the fastest dropless backend measured for the platform (BUILD_NOTES.md):
-    sorted fixed-size blocks on CPU, `ragged_dot` grouped matmuls on GPU/TPU."""
+    on CPU, `dense` for at most `CPU_DENSE_MAX_TOKENS` tokens (decoding) and sorted fixed-size
+    blocks otherwise; `ragged_dot` grouped matmuls on GPU/TPU. `n_tokens=None` means a training
+    batch."""
     if backend != "auto":
         return backend
-    return "blocked" if (platform or jax.default_backend()) == "cpu" else "ragged"
+    if (platform or jax.default_backend()) != "cpu":
+        return "ragged"
+    return "dense" if n_tokens is not None and n_tokens <= CPU_DENSE_MAX_TOKENS else "blocked"
 
 
 class MoELayer(nnx.Module):
@@ -69,7 +80,7 @@ class MoELayer(nnx.Module):
             scores_NxE = router.router_scores(logits_NxE, cfg.score_func)
             weights_NxK = router.gate_weights(scores_NxE, expert_idx_NxK, cfg)
         experts = (x_NxD, expert_idx_NxK, weights_NxK, self.w_gate[...], self.w_up[...], self.w_down[...])
-        backend = resolve_dispatch(cfg.moe_dispatch)
+        backend = resolve_dispatch(cfg.moe_dispatch, b * t)
         mesh_and_rules = active_mesh_and_rules()
         if mesh_and_rules is not None and mesh_and_rules[0].shape["expert"] > 1:
             mesh, rules = mesh_and_rules

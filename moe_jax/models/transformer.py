@@ -18,7 +18,7 @@ from flax import nnx
 from moe_jax.configs import ModelConfig
 from moe_jax.models import kv_cache
 from moe_jax.models.attention import GQAttention
-from moe_jax.models.layers import MLP, Embedding, Linear, RMSNorm, make_param
+from moe_jax.models.layers import MLP, Embedding, Linear, RMSNorm, make_param, project
 from moe_jax.models.mla import MLAttention
 from moe_jax.models.moe import MoELayer
 from moe_jax.models.rope import rope_tables
@@ -86,7 +86,7 @@ class Transformer(nnx.Module):
         if self.head is None:
             logits_BxTxV = self.embed.attend(h_BxTxD)
         else:
-            logits_BxTxV = h_BxTxD @ self.head[...].astype(h_BxTxD.dtype)
+            logits_BxTxV = project(h_BxTxD, self.head[...])
         return constrain(logits_BxTxV.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
