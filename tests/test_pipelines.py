@@ -73,10 +73,16 @@ def test_error_rate_changes_solutions_not_problems():
 
 
 def test_rl_prompts_left_padded_and_sharded_by_process():
-    batches = [next(iter(rl_prompt_batches(TASK, TOKENIZER, seed=0, batch_size=8, prompt_len=48,
-                                           template="compact", process_index=i, process_count=2)))
-               for i in range(2)]
-    assert not set(batches[0]["problem_index"]) & set(batches[1]["problem_index"])
+    def first_batches(batch_size, **shard):
+        stream = iter(rl_prompt_batches(TASK, TOKENIZER, seed=0, batch_size=batch_size, prompt_len=48,
+                                        template="compact", **shard))
+        return [next(stream) for _ in range(2)]
+
+    per_process = [first_batches(8, process_index=i, process_count=2) for i in range(2)]
+    for step, one_process in enumerate(first_batches(16)):  # the processes' rows, in order, are the global batch
+        for name, rows in one_process.items():
+            np.testing.assert_array_equal(np.concatenate([p[step][name] for p in per_process]), rows)
+    batches = [p[0] for p in per_process]
     batch = batches[0]
     for row in range(8):
         valid = batch["prompt_segment_ids"][row] == 1

@@ -95,8 +95,23 @@ def rl_prompt_batches(task: Task, tokenizer: Tokenizer, *, seed: int, batch_size
                       prompt_len: int, template: str = "r1_zero", process_index: int | None = None,
                       process_count: int | None = None) -> grain.IterDataset:
     """Batches of left-padded prompts with the index of their problem (`problem_at(task, seed,
-    index)` rebuilds it with its verifier data)."""
+    index)` rebuilds it with its verifier data). `batch_size` is this process's share."""
     dataset = grain.MapDataset.range(STREAM_LENGTH).shuffle(seed=seed)
-    dataset = _process_shard(dataset, process_index, process_count).map(
+    dataset = _process_rows_of_global_batches(dataset, batch_size, process_index, process_count).map(
         lambda i: _prompt_row(task, tokenizer, seed, int(i), prompt_len, template))
     return dataset.to_iter_dataset().batch(batch_size, drop_remainder=True)
+
+
+def _process_rows_of_global_batches(dataset: grain.MapDataset, local_batch: int, process_index: int | None,
+                                    process_count: int | None) -> grain.MapDataset:
+    """This process's rows of each global batch of `local_batch * process_count` consecutive
+    records: rows `[p·b, (p+1)·b)`, the order `global_batch_array` assembles. So the global batch
+    of every step, and what is sampled from it, is the same whatever the number of processes."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    global_batch = local_batch * count
+
+    def record(j: int):
+        return dataset[(j // local_batch) * global_batch + index * local_batch + j % local_batch]
+
+    return grain.MapDataset.range(len(dataset) // count).map(record)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
 
 from moe_jax.data.pipelines import problem_at, rl_prompt_batches
 from moe_jax.data.tasks import make_task
@@ -55,21 +56,34 @@ def grpo_loss_of(cfg: GRPOConfig) -> GRPOLoss:
 
 
 def score(cfg: GRPOConfig, task, problems: list, texts: list[str], lengths_B: np.ndarray
-          ) -> tuple[np.ndarray, dict[str, float]]:
-    """(total reward `[B]`, reward metrics): the weighted rule-based rewards, with DAPO's soft
-    overlong punishment when `overlong_buffer` > 0."""
+          ) -> dict[str, np.ndarray]:
+    """Per-completion rewards `{name: [B]}`: each rule-based component (`accuracy`, `format`),
+    DAPO's soft overlong punishment as `overlong` when `overlong_buffer` > 0, and `total`, the
+    weighted sum that training uses."""
     components = rewards.combined_rewards(task, problems, texts, weights={
         "accuracy": cfg.accuracy_weight, "format": cfg.format_weight})
-    total_B = np.asarray(components.pop("total"), np.float64)
-    metrics = {f"rewards/{name}/mean": float(np.mean(values)) for name, values in components.items()}
+    scores = {name: np.asarray(values, np.float64) for name, values in components.items()}
     if cfg.overlong_buffer:
-        penalty_B = np.asarray(grpo.overlong_penalty(lengths_B, cfg.max_new_tokens, cfg.overlong_buffer))
-        metrics["rewards/overlong/mean"] = float(penalty_B.mean())
-        total_B = total_B + penalty_B
-    groups_GxS = total_B.reshape(-1, cfg.group_size)
-    metrics.update({"reward": float(total_B.mean()), "reward_std": float(groups_GxS.std(axis=1, ddof=1).mean()),
-                    "frac_reward_zero_std": float(np.mean(grpo.zero_std_groups(total_B, cfg.group_size)))})
-    return total_B, metrics
+        scores["overlong"] = np.asarray(grpo.overlong_penalty(lengths_B, cfg.max_new_tokens, cfg.overlong_buffer),
+                                        np.float64)
+        scores["total"] = scores["total"] + scores["overlong"]
+    return scores
+
+
+def reward_metrics(scores: dict[str, np.ndarray], group_size: int) -> dict[str, float]:
+    """TRL's reward metrics of a whole generation batch (`score`'s arrays, all processes' rows)."""
+    total_B = scores["total"]
+    metrics = {f"rewards/{name}/mean": float(np.mean(values)) for name, values in scores.items() if name != "total"}
+    metrics.update({"reward": float(total_B.mean()),
+                    "reward_std": float(total_B.reshape(-1, group_size).std(axis=1, ddof=1).mean()),
+                    "frac_reward_zero_std": float(np.mean(grpo.zero_std_groups(total_B, group_size)))})
+    return metrics
+
+
+def all_rows(local: Any) -> Any:
+    """This pytree of per-process host arrays, every process's rows concatenated in process order
+    (the global batch's row order); the identity on one process."""
+    return local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True)
 
 
 def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
@@ -142,9 +156,11 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
 
 
 def _sample_and_score(cfg: GRPOConfig, key: jax.Array, task, tokenizer, mesh, prompts, policy
-                      ) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
-    """One batch of prompts, `group_size` completions each, scored on the host: (the rollout's host
-    arrays with the total reward, the reward metrics, the seconds spent sampling)."""
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """One batch of prompts (this process's share), `group_size` completions each, scored on the
+    host: (the rollout's host arrays with the total reward, every reward component `[B]`, the
+    seconds spent sampling). Each process scores only its own rows; a group never spans
+    processes, since each process holds whole prompts."""
     start = time.perf_counter()
     batch = next(prompts)
     problems = [problem_at(task, cfg.seed, int(i)) for i in batch["problem_index"]]
@@ -154,27 +170,31 @@ def _sample_and_score(cfg: GRPOConfig, key: jax.Array, task, tokenizer, mesh, pr
         out = jit_generate(policy, global_batch_array(prompt_BxP, mesh), global_batch_array(segments_BxP, mesh),
                            max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                            rng=key, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    rollout = {"prompt": prompt_BxP, "prompt_segments": segments_BxP, **jax.device_get(out)}
+    local_out = multihost_utils.global_array_to_host_local_array(out, mesh, PartitionSpec(BATCH_AXES))
+    rollout = {"prompt": prompt_BxP, "prompt_segments": segments_BxP, **jax.device_get(local_out)}
     sampling_s = time.perf_counter() - start
     texts = [completion_text(tokenizer, row) for row in rollout["tokens"]]
     group_problems = [p for p in problems for _ in range(cfg.group_size)]
-    rollout["reward"], metrics = score(cfg, task, group_problems, texts, rollout["lengths"])
-    return rollout, metrics, sampling_s
+    scores = score(cfg, task, group_problems, texts, rollout["lengths"])
+    rollout["reward"] = scores["total"]
+    return rollout, scores, sampling_s
 
 
 def _informative_groups(cfg: GRPOConfig, first: dict[str, np.ndarray], sample_more) -> tuple[dict, int]:
     """DAPO's dynamic sampling (§3.2): keep the groups whose rewards differ, sampling more batches
-    (at most `max_resamples`) until `prompts_per_step` of them are found; if the cap is hit, the
+    (at most `max_resamples`) until this process has as many as it sampled at first (its share of
+    `prompts_per_step`); if the cap is hit, the
     batch is topped up with uninformative groups (advantage 0: shapes stay static, no gradient).
     Returns (the rollout, the number of sampled batches)."""
-    G, wanted = cfg.group_size, cfg.prompts_per_step
+    G, wanted = cfg.group_size, len(first["reward"]) // cfg.group_size  # this process's prompts
     kept, spare, batches, rollout = [], [], 1, first
     while True:
         zero_G = np.asarray(grpo.zero_std_groups(rollout["reward"], G))
         for g in range(wanted):
             group = {k: v[g * G:(g + 1) * G] for k, v in rollout.items()}
             (spare if zero_G[g] else kept).append(group)
-        if len(kept) >= wanted or batches > cfg.max_resamples:
+        # Sampling is one program over all processes: every one samples again while any is short.
+        if not np.any(all_rows(np.asarray([len(kept) < wanted]))) or batches > cfg.max_resamples:
             break
         rollout, batches = sample_more(batches), batches + 1
     groups = (kept + spare)[:wanted]
@@ -190,28 +210,31 @@ def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_g
     step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
     sampling_s = 0.0
 
-    def sample(attempt: int) -> dict[str, np.ndarray]:
+    def sample(attempt: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         nonlocal sampling_s
-        rollout, metrics, seconds = _sample_and_score(cfg, jax.random.fold_in(step_key, attempt), task,
-                                                      tokenizer, mesh, prompts, policy)
+        rollout, scores, seconds = _sample_and_score(cfg, jax.random.fold_in(step_key, attempt), task,
+                                                     tokenizer, mesh, prompts, policy)
         sampling_s += seconds
-        return rollout, metrics
+        return rollout, scores
 
-    rollout, host = sample(0)
-    completions = rollout
+    rollout, scores = sample(0)
+    first = all_rows({**scores, "lengths": rollout["lengths"], "truncated": rollout["truncated"]})
+    host: dict[str, Any] = reward_metrics({name: first[name] for name in scores}, cfg.group_size)
     if cfg.dynamic_sampling:
         rollout, host["dynamic_sampling/batches"] = _informative_groups(
             cfg, rollout, lambda attempt: sample(attempt)[0])
-    advantages_B = grpo.group_advantages(jnp.asarray(rollout["reward"], jnp.float32), cfg.group_size,
-                                         scale=cfg.scale_rewards)
+    # "batch" scaling needs every process's rewards; each process keeps its own rows' advantages.
+    rewards_B = all_rows(rollout["reward"])
+    advantages_B = grpo.group_advantages(jnp.asarray(rewards_B, jnp.float32), cfg.group_size,
+                                         scale=cfg.scale_rewards)[process_batch_slice(len(rewards_B))]
     mask_BxN = rollout["mask"]
     if cfg.mask_truncated_completions:
         mask_BxN = np.asarray(grpo.mask_truncated(mask_BxN, rollout["truncated"]))
     tokens_BxS, segment_ids_BxS = rollout_rows(rollout["prompt"], rollout["prompt_segments"], rollout["tokens"],
                                                rollout["mask"])
-    batch = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
+    local = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
              "old_logp": rollout["logprobs"], "advantages": advantages_B}
-    batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+    batch = {name: global_batch_array(np.asarray(rows), mesh) for name, rows in local.items()}
     if reference is not None:
         logprob_fn, reference_state = reference
         batch["ref_logp"] = logprob_fn(reference_state, batch)
@@ -226,9 +249,9 @@ def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_g
         else:
             host[name], host[f"{name}_mean"] = [float(v) for v in value], float(np.mean(value))
     host["loss"] = host["policy_loss"]
-    lengths_B = completions["lengths"]
+    lengths_B = first["lengths"]
     host.update({"completions/mean_length": float(lengths_B.mean()),
-                 "completions/clipped_ratio": float(completions["truncated"].mean()),
+                 "completions/clipped_ratio": float(first["truncated"].mean()),
                  "time/sampling": sampling_s, "time/scoring": t2 - t0 - sampling_s, "time/training": t3 - t2,
                  "tokens_per_s": float(lengths_B.sum()) / (t3 - t0), "_state": state})
     return host
