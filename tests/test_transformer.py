@@ -71,6 +71,14 @@ def test_left_padding_equals_unpadded(compiled):
     assert np.isfinite(np.asarray(logits_padded)).all()
 
 
+def test_logits_slice_computes_only_those_positions(compiled):
+    model, tokens = compiled.model, _tokens(compiled.cfg, (2, 9), 4)
+    full, _ = model(tokens, mtp=False)
+    for positions in (slice(-4, -1), slice(-1, None)):
+        sliced, _ = model(tokens, mtp=False, logits_slice=positions)
+        np.testing.assert_allclose(sliced, full[:, positions], rtol=1e-6, atol=1e-6)
+
+
 def test_prefill_then_decode_equals_full_forward(compiled):
     cfg = compiled.cfg
     length, prompt = 10, 6

@@ -85,9 +85,10 @@ def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_id
     keys_N = jax.random.split(rng if rng is not None else jax.random.key(0), max_new_tokens)
 
     cache = kv_cache.init_cache(model.cfg, batch, prompt_len + max_new_tokens)
-    logits_BxPxV, aux = model(prompt_tokens_BxP, segment_ids_BxT=prompt_segment_ids_BxP, cache=cache)
     # Left padding puts every row's last prompt token in the last slot.
-    token_B, logp_B = sample_token(logits_BxPxV[:, -1], keys_N[0], temperature, top_p, top_k)
+    logits_Bx1xV, aux = model(prompt_tokens_BxP, segment_ids_BxT=prompt_segment_ids_BxP, cache=cache,
+                              logits_slice=slice(-1, None))
+    token_B, logp_B = sample_token(logits_Bx1xV[:, 0], keys_N[0], temperature, top_p, top_k)
     done_B = token_B == eos_id
 
     def step(carry, key):

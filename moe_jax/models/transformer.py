@@ -91,9 +91,12 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None, cache: dict | None = None,
-                 mtp: bool = True, routing_LxBxTxK: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                 mtp: bool = True, routing_LxBxTxK: jax.Array | None = None,
+                 logits_slice: slice = slice(None)) -> tuple[jax.Array, dict]:
         """Segment id 0 marks padding. `mtp=False` skips the MTP modules (RL and scoring need
-        only the main logits). `routing_LxBxTxK` replays the main MoE layers' expert choices
+        only the main logits). `logits_slice` picks the positions whose logits are computed
+        (default all): a sampler's prefill needs only the last, RL scoring only the completion's,
+        and with a 150k vocabulary the others' `[B, T, V]` logits would dominate memory. `routing_LxBxTxK` replays the main MoE layers' expert choices
         recorded in an earlier forward (`aux["router"]["expert_idx"]`). Positions default to each segment's own count from 0; when
         decoding, to the row's number of cached non-padding tokens plus that count (right for
         left-padded prompts; pass positions explicitly for anything else)."""
@@ -124,7 +127,7 @@ class Transformer(nnx.Module):
             new_layer_caches.append(layer_cache)
             if stats is not None:
                 moe_stats.append(stats)
-        logits_BxTxV = self.logits(self.final_norm(x))
+        logits_BxTxV = self.logits(self.final_norm(x[:, logits_slice]))
 
         aux: dict = {}
         if self.mtp and mtp and cache is None:  # MTP is a training objective; decoding skips it

@@ -34,9 +34,8 @@ def completion_logprobs(model: Transformer, tokens_BxS: jax.Array, segment_ids_B
     scored by slots S-N-1 .. S-2. Entropy is of the sampling distribution (a metric; its
     gradient is not used). The MTP heads are skipped: RL has no use for them. `routing_LxBxSxK`
     replays recorded expert choices (`aux["router"]["expert_idx"]` of an earlier call)."""
-    logits_BxSxV, aux = model(tokens_BxS, segment_ids_BxT=segment_ids_BxS, mtp=False,
-                              routing_LxBxTxK=routing_LxBxSxK)
-    logits_BxNxV = logits_BxSxV[:, -n_completion - 1:-1]
+    logits_BxNxV, aux = model(tokens_BxS, segment_ids_BxT=segment_ids_BxS, mtp=False,
+                              routing_LxBxTxK=routing_LxBxSxK, logits_slice=slice(-n_completion - 1, -1))
     b, n, v = logits_BxNxV.shape
     filtered = sampling_logits(logits_BxNxV.reshape(b * n, v), temperature, top_p, top_k)
     logp_BxNxV = jax.nn.log_softmax(filtered, axis=-1).reshape(b, n, v)
