@@ -183,8 +183,8 @@ def _sample_and_score(cfg: GRPOConfig, key: jax.Array, task, tokenizer, mesh, pr
 def _informative_groups(cfg: GRPOConfig, first: dict[str, np.ndarray], sample_more) -> tuple[dict, int]:
     """DAPO's dynamic sampling (§3.2): keep the groups whose rewards differ, sampling more batches
     (at most `max_resamples`) until this process has as many as it sampled at first (its share of
-    `prompts_per_step`); if the cap is hit, the
-    batch is topped up with uninformative groups (advantage 0: shapes stay static, no gradient).
+    `prompts_per_step`); if the cap is hit, the batch is topped up with uninformative groups
+    (advantage 0: shapes stay static, no gradient).
     Returns (the rollout, the number of sampled batches)."""
     G, wanted = cfg.group_size, len(first["reward"]) // cfg.group_size  # this process's prompts
     kept, spare, batches, rollout = [], [], 1, first
