@@ -14,7 +14,7 @@ from moe_jax.models import Transformer
 from moe_jax.models.sampler import jit_generate
 from moe_jax.parallel import init_sharded, make_mesh
 from moe_jax.rl.grpo import group_advantages
-from moe_jax.rl.policy import rollout_rows
+from moe_jax.rl.policy import completion_width, rollout_rows
 from moe_jax.rl.step import GRPOLoss, make_grpo_step
 from moe_jax.train.optimizer import make_optimizer
 
@@ -110,3 +110,32 @@ def test_microbatch_accumulation_gives_the_same_update(rollout, loss_type):
     np.testing.assert_allclose(metrics_2["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_2), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo"])
+def test_padding_columns_past_every_completion_change_nothing(rollout, loss_type):
+    """The loop trims completion columns that only hold padding (`completion_width`): the update
+    must be the one of the untrimmed batch."""
+    extra = 4
+    padded = {**rollout,
+              "tokens": jnp.pad(rollout["tokens"], ((0, 0), (0, extra))),
+              "segment_ids": jnp.pad(rollout["segment_ids"], ((0, 0), (0, extra))),
+              "mask": jnp.pad(rollout["mask"], ((0, 0), (0, extra))),
+              "old_logp": jnp.pad(rollout["old_logp"], ((0, 0), (0, extra)))}
+    loss = dataclasses.replace(LOSS, loss_type=loss_type, max_completion_length=N + extra)
+
+    def run(batch):
+        model, optimizer = _model_and_optimizer()
+        step, state = make_grpo_step(model, optimizer, loss)
+        state, metrics = step(state, batch)
+        return jax.device_get(nnx.to_pure_dict(state[0])), jax.device_get(metrics)
+
+    (params, metrics), (params_padded, metrics_padded) = run(rollout), run(padded)
+    for name in metrics:
+        np.testing.assert_allclose(metrics_padded[name], metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_padded), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)  # 1% of one update, as above
+
+
+def test_completion_width_rounds_up_to_a_power_of_two_within_the_budget():
+    assert [completion_width(n, 96) for n in (0, 5, 8, 9, 33, 64, 65, 96)] == [8, 8, 8, 16, 64, 64, 96, 96]

@@ -3,7 +3,8 @@ temperature / nucleus (top-p) sampling for GRPO rollouts, which need each token'
 the distribution it was actually drawn from (the "old policy" of the importance ratio).
 
 One prefill call writes the left-padded prompts into a cache of `P + N` slots, then a
-`jax.lax.scan` decodes one token per step, so the whole rollout is a single XLA program.
+`jax.lax.while_loop` decodes one token per step until every row has stopped (or N tokens), so
+the whole rollout is a single XLA program.
 `generate` only calls the model, never mutates it; Flax NNX 0.12 Modules are pytrees, so
 `jit_generate(model, ...)` (a plain `jax.jit`) works as is, and a caller holding a split
 `(graphdef, state)` can call `generate(nnx.merge(graphdef, state), ...)` inside its own jit.
@@ -91,22 +92,29 @@ def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_id
     token_B, logp_B = sample_token(logits_Bx1xV[:, 0], keys_N[0], temperature, top_p, top_k)
     done_B = token_B == eos_id
 
-    def step(carry, key):
-        cache, token_B, done_B = carry
+    def unfinished(carry) -> jax.Array:
+        t, _, _, done_B, _ = carry
+        return (t < max_new_tokens) & ~jnp.all(done_B)
+
+    def step(carry):
+        t, cache, token_B, done_B, out = carry
         logits_Bx1xV, aux = model(token_B[:, None], segment_ids_BxT=(~done_B)[:, None].astype(jnp.int32),
                                   cache=cache)
-        new_B, logp_B = sample_token(logits_Bx1xV[:, 0], key, temperature, top_p, top_k)
+        new_B, logp_B = sample_token(logits_Bx1xV[:, 0], keys_N[t], temperature, top_p, top_k)
         new_B = jnp.where(done_B, pad_id, new_B)
-        logp_B = jnp.where(done_B, 0.0, logp_B)
-        out = (new_B, logp_B, ~done_B)
-        return (aux["cache"], new_B, done_B | (new_B == eos_id)), out
+        out = {"tokens": out["tokens"].at[:, t].set(new_B),
+               "logprobs": out["logprobs"].at[:, t].set(jnp.where(done_B, 0.0, logp_B)),
+               "mask": out["mask"].at[:, t].set(~done_B)}
+        return t + 1, aux["cache"], new_B, done_B | (new_B == eos_id), out
 
-    first = (token_B, logp_B, jnp.ones_like(done_B))
-    (_, _, done_B), rest = jax.lax.scan(step, (aux["cache"], token_B, done_B), keys_N[1:])
-    tokens_BxN, logprobs_BxN, mask_BxN = (
-        jnp.concatenate([a[:, None], b.T], axis=1) for a, b in zip(first, rest, strict=True))
-    mask_BxN = mask_BxN.astype(jnp.int32)
-    return {"tokens": tokens_BxN, "logprobs": logprobs_BxN.astype(jnp.float32), "mask": mask_BxN,
+    # A while loop, not a scan: decoding stops as soon as every row has finished (the columns it
+    # never reaches already hold what a finished row emits: padding, log-prob 0, mask 0).
+    out = {"tokens": jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B),
+           "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logp_B),
+           "mask": jnp.zeros((batch, max_new_tokens), bool).at[:, 0].set(True)}
+    *_, done_B, out = jax.lax.while_loop(unfinished, step, (1, aux["cache"], token_B, done_B, out))
+    mask_BxN = out["mask"].astype(jnp.int32)
+    return {"tokens": out["tokens"], "logprobs": out["logprobs"], "mask": mask_BxN,
             "lengths": mask_BxN.sum(axis=1), "truncated": ~done_B}
 
 

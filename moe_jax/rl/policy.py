@@ -24,6 +24,17 @@ def rollout_rows(prompt_tokens_BxP: jax.Array, prompt_segment_ids_BxP: jax.Array
     return tokens_BxS, segment_ids_BxS.astype(jnp.int32)
 
 
+def completion_width(longest: int, max_new_tokens: int) -> int:
+    """How many completion columns a training batch keeps: the longest completion rounded up to a
+    power of two (at least 8), at most `max_new_tokens`. The columns past every row's end are all
+    padding, so dropping them changes nothing but the cost; the rounding bounds the number of
+    step shapes to compile by log2(max_new_tokens)."""
+    width = 8
+    while width < longest:
+        width *= 2
+    return min(width, max_new_tokens)
+
+
 def completion_logprobs(model: Transformer, tokens_BxS: jax.Array, segment_ids_BxS: jax.Array,
                         n_completion: int, *, temperature: float = 1.0, top_p: float = 1.0,
                         top_k: int = 0, routing_LxBxSxK: jax.Array | None = None

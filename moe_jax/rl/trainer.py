@@ -30,7 +30,7 @@ from moe_jax.parallel import BATCH_AXES, make_mesh, use_mesh
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.rl import grpo, rewards
 from moe_jax.rl.config import GRPOConfig
-from moe_jax.rl.policy import rollout_rows
+from moe_jax.rl.policy import completion_width, rollout_rows
 from moe_jax.rl.step import GRPOLoss, make_grpo_step, make_logprob_fn
 from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from moe_jax.train.evaluation import Evaluator, completion_text
@@ -227,13 +227,15 @@ def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_g
     rewards_B = all_rows(rollout["reward"])
     advantages_B = grpo.group_advantages(jnp.asarray(rewards_B, jnp.float32), cfg.group_size,
                                          scale=cfg.scale_rewards)[process_batch_slice(len(rewards_B))]
-    mask_BxN = rollout["mask"]
+    width = completion_width(int(all_rows(rollout["lengths"]).max()), cfg.max_new_tokens)
+    completion = {name: rollout[name][:, :width] for name in ("tokens", "mask", "logprobs")}
+    mask_BxN = completion["mask"]
     if cfg.mask_truncated_completions:
         mask_BxN = np.asarray(grpo.mask_truncated(mask_BxN, rollout["truncated"]))
-    tokens_BxS, segment_ids_BxS = rollout_rows(rollout["prompt"], rollout["prompt_segments"], rollout["tokens"],
-                                               rollout["mask"])
+    tokens_BxS, segment_ids_BxS = rollout_rows(rollout["prompt"], rollout["prompt_segments"],
+                                               completion["tokens"], completion["mask"])
     local = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
-             "old_logp": rollout["logprobs"], "advantages": advantages_B}
+             "old_logp": completion["logprobs"], "advantages": advantages_B}
     batch = {name: global_batch_array(np.asarray(rows), mesh) for name, rows in local.items()}
     if reference is not None:
         logprob_fn, reference_state = reference
