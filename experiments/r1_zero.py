@@ -2,9 +2,8 @@
 workdir already has one), then improve it with pure RL — GRPO on rule-based rewards — and
 watch the held-out greedy accuracy climb.
 
-    python experiments/r1_zero.py --workdir=/tmp/r1_zero                 # tiny-moe, arithmetic
-    python experiments/r1_zero.py --workdir=/tmp/r1_cd --config.task=countdown \
-        --config.task_options=max_numbers=3 --config.error_rate=0.1 --base_steps=3000
+    python experiments/r1_zero.py --workdir=/tmp/r1_zero                   # arithmetic, ~3 min
+    python experiments/r1_zero.py --workdir=/tmp/r1_cd --recipe=countdown  # ~22 min on 2 cores
 
 `<workdir>/base` is the pretraining run and `<workdir>/grpo` the RL run; each resumes when the
 command is run again. `--config.*` configures the GRPO stage (and, through `model`, `task`,
@@ -32,10 +31,18 @@ R1_ZERO_DEFAULTS = {"task_options": "max_digits=3,ops=+,slip=carry", "error_rate
                     "learning_rate": 2e-4, "warmup_steps": 3, "weight_decay": 0.0, "eval_every": 10,
                     "checkpoint_every": 10, "eval_batches": 0, "eval_problems": 128,
                     "eval_max_new_tokens": 96, "log_every": 5}
+# Countdown with 3 numbers in [1, 99], a search task: the base imitates the generator's solutions
+# (20% of them with one operator swapped, missing the target) and reaches ~37% greedy accuracy.
+COUNTDOWN_DEFAULTS = {**R1_ZERO_DEFAULTS, "task": "countdown", "task_options": "min_numbers=3,max_numbers=3",
+                      "template": "compact", "error_rate": 0.2, "seq_len": 176, "steps": 1000,
+                      "eval_every": 100, "checkpoint_every": 100, "eval_problems": 256}
+RECIPES = {"arithmetic": (R1_ZERO_DEFAULTS, 1000, {}),  # (config defaults, base steps, model fields)
+           "countdown": (COUNTDOWN_DEFAULTS, 3000, {"max_seq_len": 192})}
 
 config_flags.define_config_flags(config_class=GRPOConfig)
 define_run_flags()
-flags.DEFINE_integer("base_steps", 1000, "pretraining steps of the base model")
+flags.DEFINE_enum("recipe", "arithmetic", list(RECIPES), "the task and its defaults (flags override them)")
+flags.DEFINE_integer("base_steps", None, "pretraining steps of the base model (default: the recipe's)")
 FLAGS = flags.FLAGS
 
 
@@ -53,10 +60,11 @@ def main(argv: list[str]) -> None:
     if FLAGS.init_from:
         raise app.UsageError("r1_zero.py pretrains its own base model; to start RL from another "
                              "model use experiments/grpo.py --init_from=...")
-    rl = config_flags.config_from_flags(defaults=R1_ZERO_DEFAULTS, config_class=GRPOConfig)
+    defaults, base_steps, model_defaults = RECIPES[FLAGS.recipe]
+    rl = config_flags.config_from_flags(defaults=defaults, config_class=GRPOConfig, model_defaults=model_defaults)
     setup_from_flags()
     base_dir = os.path.join(FLAGS.workdir, "base")
-    run_and_report(train, base_config(rl, FLAGS.base_steps), base_dir, mesh_spec=FLAGS.mesh)
+    run_and_report(train, base_config(rl, FLAGS.base_steps or base_steps), base_dir, mesh_spec=FLAGS.mesh)
     run_and_report(train_grpo, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
                    init_from=base_dir)
 

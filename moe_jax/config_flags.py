@@ -93,30 +93,35 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 
 
 def load_base(name_or_path: str, defaults: dict[str, Any],
-              config_class: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
-    """The script's `defaults` with a model preset by name, or updated from a JSON file that holds
-    either an experiment config (`{"model": {...}, "steps": ...}`) or bare ModelConfig fields."""
+              config_class: type[ExperimentConfig] = ExperimentConfig,
+              model_defaults: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The script's `defaults` with a model preset by name (with `model_defaults` applied), or
+    updated from a JSON file that holds either an experiment config (`{"model": {...}, "steps":
+    ...}`) or bare ModelConfig fields (the file's model fields win over `model_defaults`)."""
+    model_defaults = model_defaults or {}
     if not os.path.exists(name_or_path):
-        return config_class(model=get_preset(name_or_path), **defaults)
+        return config_class(model=dataclasses.replace(get_preset(name_or_path), **model_defaults), **defaults)
     with open(name_or_path) as f:
         fields = json.load(f)
     if "model" not in fields:
         check_known(ModelConfig, fields)
         fields = {"model": fields}
-    return config_class.from_dict({**defaults, **fields})
+    return config_class.from_dict({**defaults, **fields, "model": {**model_defaults, **fields["model"]}})
 
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
                       defaults: dict[str, Any] | None = None,
-                      config_class: type[ExperimentConfig] = ExperimentConfig) -> ExperimentConfig:
+                      config_class: type[ExperimentConfig] = ExperimentConfig,
+                      model_defaults: dict[str, Any] | None = None) -> ExperimentConfig:
     """The base config with every set override flag applied and the result validated; a bad
-    value is a usage error naming the field, raised before anything is built."""
+    value is a usage error naming the field, raised before anything is built. `defaults` and
+    `model_defaults` are the script's (run and model fields, under the preset or file's)."""
     overrides = {name.removeprefix(_PREFIX): flag_values[name].value for name in _override_fields(config_class)
                  if flag_values[name].present}
     model_overrides = {k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")}
     top_overrides = {k: v for k, v in overrides.items() if not k.startswith("model.")}
     try:
-        base = load_base(flag_values.config, defaults or {}, config_class)
+        base = load_base(flag_values.config, defaults or {}, config_class, model_defaults)
         model = dataclasses.replace(base.model, **model_overrides)
         return dataclasses.replace(base, model=model, **top_overrides)
     except (KeyError, ValueError) as e:

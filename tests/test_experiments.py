@@ -47,6 +47,19 @@ def test_script_defaults_then_preset_or_file_then_flags(tmp_path):
     assert config_flags.config_from_flags(_parse([f"--config={path}"])).model.name == "bare"
 
 
+def test_script_model_defaults_sit_under_the_file_and_the_flags(tmp_path):
+    """A script's model defaults (r1_zero's countdown recipe needs longer sequences) apply to a
+    preset, lose to a config file's model fields and to `--config.model.*` flags."""
+    model_defaults = {"max_seq_len": 192, "n_layers": 5}
+    cfg = config_flags.config_from_flags(_parse(["--config=tiny-moe", "--config.model.n_layers=1"]),
+                                         defaults={"seq_len": 176}, model_defaults=model_defaults)
+    assert (cfg.model.max_seq_len, cfg.model.n_layers, cfg.seq_len) == (192, 1, 176)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model": {"name": "mine", "max_seq_len": 256, "d_model": 32, "n_heads": 2}}))
+    cfg = config_flags.config_from_flags(_parse([f"--config={path}"]), model_defaults=model_defaults)
+    assert (cfg.model.max_seq_len, cfg.model.n_layers) == (256, 5)
+
+
 def test_a_workdir_config_json_round_trips():
     cfg = ExperimentConfig(model=get_preset("tiny-moe"), steps=3, task="countdown",
                            task_options="max_numbers=3")
