@@ -62,10 +62,11 @@ def _dense(
 ) -> jax.Array:
     """Reference: all experts on all tokens, combined with a dense [N, E] weight matrix.
 
-    The E experts run side by side as one [D, 2*E*F] gate-and-up matmul, and the combine weights scale
-    each expert's hidden units before one [E*F, D] down matmul (the down projection is linear, so
-    sum_e c_e * (h_e @ W_down[e]) == (c * h) @ stack_e(W_down[e])): three plain 2-D matmuls, which
-    makes this backend the fastest for the few tokens of a decode step (`moe.resolve_dispatch`).
+    The E experts run side by side as one [D, 2*E*F] gate-and-up matmul, and the combine
+    weights scale each expert's hidden units before one [E*F, D] down matmul (the down projection
+    is linear, so sum_e c_e * (h_e @ W_down[e]) == (c * h) @ stack_e(W_down[e])): two plain 2-D
+    matmuls, which make this backend the fastest for the few tokens of a decode step
+    (`moe.resolve_dispatch`).
     """
     n_tokens, _ = x_NxD.shape
     n_experts, d_model, width = w_gate_ExDxF.shape

@@ -26,7 +26,7 @@ class RouterBias(nnx.Variable):
     optimizer built with `wrt=nnx.Param` never touches it and no gradient flows into it."""
 
 
-# On CPU, at most this many tokens per MoE call run every expert densely (three 2-D matmuls)
+# On CPU, at most this many tokens per MoE call run every expert densely (two 2-D matmuls)
 # rather than the blocked backend, whose per-expert loop is pure overhead for the 64 tokens of a
 # decode step. Measured with E=8 (D=128) and E=64 (D=256): dense is faster up to 128 tokens and
 # slower from 256 (BUILD_NOTES.md, "GRPO step speed").
