@@ -2,7 +2,8 @@
 `jax.distributed` (gloo collectives) by the experiments' own `--coordinator_address` flags, against
 one process of 8 devices. The GRPO loop must give the same metrics step by step: each process
 samples and scores only its rows, and every global quantity (reward metrics, "batch" advantage
-scaling, dynamic sampling's decision to sample again) is reduced over the processes."""
+scaling) is reduced over the processes. (DAPO dynamic sampling is left out of the comparison: each
+process refills its own share of groups, so which groups are kept depends on the process count.)"""
 
 import dataclasses
 import os
@@ -20,13 +21,19 @@ from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = GRPOConfig(model=dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_heads=2),
-                 steps=2, batch_size=16, group_size=4, seq_len=40, max_new_tokens=16, learning_rate=1e-3,
-                 warmup_steps=1, eval_every=2, checkpoint_every=2, eval_batches=0, eval_problems=8,
-                 eval_max_new_tokens=16, num_iterations=2, scale_rewards="batch", dynamic_sampling=True,
-                 max_resamples=1, beta=0.04)
+MODEL = dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_heads=2)
+# A base that writes the template (greedy format 1.0, accuracy 0): sampled completions then earn
+# different rewards, so the advantages and their "batch" scaling matter (the test fails if the
+# scaling uses one process's rewards only).
+BASE = ExperimentConfig(model=MODEL, steps=300, batch_size=16, seq_len=80, learning_rate=3e-3, warmup_steps=10,
+                        eval_every=300, checkpoint_every=300, eval_batches=0, eval_problems=16,
+                        eval_max_new_tokens=56)
+CFG = GRPOConfig(model=MODEL, steps=2, batch_size=16, group_size=4, seq_len=80, max_new_tokens=56,
+                 learning_rate=1e-3, warmup_steps=1, eval_every=2, checkpoint_every=2, eval_batches=0,
+                 eval_problems=8, eval_max_new_tokens=56, num_iterations=2, scale_rewards="batch",
+                 beta=0.04)
 COMPARED = ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "grad_norm", "entropy",
-            "completions/mean_length", "clip_ratio/region_mean", "dynamic_sampling/batches")
+            "completions/mean_length", "clip_ratio/region_mean")
 
 
 def _free_port() -> int:
@@ -50,14 +57,17 @@ def _finish(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    config_path = tmp_path / "config.json"
+    base_config, config_path = tmp_path / "base.json", tmp_path / "config.json"
+    base_config.write_text(BASE.to_json())
     config_path.write_text(CFG.to_json())
+    base = str(tmp_path / "base")
+    _finish(_launch(base, str(base_config), 8, script="experiments/pretrain.py"))
     coordinator = f"--coordinator_address=localhost:{_free_port()}"
     two = [_launch(str(tmp_path / "two"), str(config_path), 4, coordinator, "--num_processes=2",
-                   f"--process_id={i}") for i in range(2)]
+                   f"--process_id={i}", f"--init_from={base}") for i in range(2)]
     for process in two:
         _finish(process)
-    _finish(_launch(str(tmp_path / "one"), str(config_path), 8))
+    _finish(_launch(str(tmp_path / "one"), str(config_path), 8, f"--init_from={base}"))
 
     one_metrics, two_metrics = (read_metrics(str(tmp_path / run / "metrics.jsonl")) for run in ("one", "two"))
     assert [m["step"] for m in two_metrics] == [m["step"] for m in one_metrics] == [0, 1, 2]
@@ -66,14 +76,26 @@ def test_two_processes_equal_one(tmp_path):
             if name in expected:
                 np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-7,
                                            err_msg=f"step {expected['step']}: {name}")
-    assert two_metrics[1]["kl"] > 0 or two_metrics[2]["kl"] > 0
+    assert all(m["reward_std"] > 0 for m in two_metrics[1:]), "the rewards must differ for the test to bite"
+    assert two_metrics[2]["kl"] > 0
+
+    # Dynamic sampling: the processes must agree on every extra sampling round (a collective).
+    dynamic_path = tmp_path / "dynamic.json"
+    dynamic_path.write_text(dataclasses.replace(CFG, dynamic_sampling=True, max_resamples=2).to_json())
+    coordinator = f"--coordinator_address=localhost:{_free_port()}"
+    dynamic = [_launch(str(tmp_path / "dynamic"), str(dynamic_path), 4, coordinator, "--num_processes=2",
+                       f"--process_id={i}", f"--init_from={base}") for i in range(2)]
+    for process in dynamic:
+        _finish(process)
+    metrics = read_metrics(str(tmp_path / "dynamic" / "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == [0, 1, 2] and all(m["dynamic_sampling/batches"] >= 1 for m in metrics[1:])
 
 
 @pytest.mark.slow
 def test_two_process_pretraining_runs_and_saves(tmp_path):
     """The pretraining loop on two processes: each packs its own share of the stream (so the
     batches, unlike GRPO's, depend on the process count); it must train, evaluate and checkpoint."""
-    config = ExperimentConfig(model=CFG.model, steps=2, batch_size=8, seq_len=48, warmup_steps=1,
+    config = ExperimentConfig(model=MODEL, steps=2, batch_size=8, seq_len=48, warmup_steps=1,
                               eval_every=2, checkpoint_every=2, eval_batches=1, eval_problems=4,
                               eval_max_new_tokens=8)
     config_path = tmp_path / "config.json"
