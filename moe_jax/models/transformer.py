@@ -96,10 +96,11 @@ class Transformer(nnx.Module):
         """Segment id 0 marks padding. `mtp=False` skips the MTP modules (RL and scoring need
         only the main logits). `logits_slice` picks the positions whose logits are computed
         (default all): a sampler's prefill needs only the last, RL scoring only the completion's,
-        and with a 150k vocabulary the others' `[B, T, V]` logits would dominate memory. `routing_LxBxTxK` replays the main MoE layers' expert choices
-        recorded in an earlier forward (`aux["router"]["expert_idx"]`). Positions default to each segment's own count from 0; when
-        decoding, to the row's number of cached non-padding tokens plus that count (right for
-        left-padded prompts; pass positions explicitly for anything else)."""
+        and with a 150k vocabulary the others' `[B, T, V]` logits would dominate memory.
+        `routing_LxBxTxK` replays the main MoE layers' expert choices recorded in an earlier
+        forward (`aux["router"]["expert_idx"]`). Positions default to each segment's own count from
+        0; when decoding, to the row's number of cached non-padding tokens plus that count (right
+        for left-padded prompts; pass positions explicitly for anything else)."""
         cfg = self.cfg
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones_like(tokens_BxT, jnp.int32)

@@ -223,11 +223,12 @@ def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_g
     if cfg.dynamic_sampling:
         rollout, host["dynamic_sampling/batches"] = _informative_groups(
             cfg, rollout, lambda attempt: sample(attempt)[0])
-    # "batch" scaling needs every process's rewards; each process keeps its own rows' advantages.
-    rewards_B = all_rows(rollout["reward"])
-    advantages_B = grpo.group_advantages(jnp.asarray(rewards_B, jnp.float32), cfg.group_size,
-                                         scale=cfg.scale_rewards)[process_batch_slice(len(rewards_B))]
-    width = completion_width(int(all_rows(rollout["lengths"]).max()), cfg.max_new_tokens)
+    # "batch" scaling needs every process's rewards (each process keeps its own rows' advantages),
+    # and the trimmed width must be the same on every process.
+    kept = all_rows({"reward": rollout["reward"], "lengths": rollout["lengths"]})
+    advantages_B = grpo.group_advantages(jnp.asarray(kept["reward"], jnp.float32), cfg.group_size,
+                                         scale=cfg.scale_rewards)[process_batch_slice(len(kept["reward"]))]
+    width = completion_width(int(kept["lengths"].max()), cfg.max_new_tokens)
     completion = {name: rollout[name][:, :width] for name in ("tokens", "mask", "logprobs")}
     mask_BxN = completion["mask"]
     if cfg.mask_truncated_completions:
