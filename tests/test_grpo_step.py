@@ -20,7 +20,7 @@ from moe_jax.train.optimizer import make_optimizer
 
 CFG = dataclasses.replace(get_preset("tiny-moe"), n_layers=2, moe_dispatch="dense")
 G, N = 4, 8
-LOSS = GRPOLoss(loss_type="dapo", num_iterations=2, minibatches=2, beta=0.0)
+LOSS = GRPOLoss(loss_type="dapo", num_iterations=2, minibatches=2, beta=0.0, group_size=G)
 
 
 def _model_and_optimizer():

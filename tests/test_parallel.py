@@ -10,6 +10,7 @@ from flax import nnx
 
 from moe_jax.configs import get_preset
 from moe_jax.models import Transformer
+from moe_jax.models.moe import MoELayer
 from moe_jax.parallel import init_sharded, make_mesh, make_rules, parse_mesh_spec, state_shardings, use_mesh
 
 MLA_MOE = get_preset("tiny-moe")
@@ -122,6 +123,21 @@ def test_small_ep_capacity_drops_and_reports_globally(single_device):
     dropped = np.asarray(aux["router"]["dropped_fraction"])
     assert (dropped > 0).all() and (dropped < 1).all()
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_expert_parallel_pads_tokens_that_do_not_fill_every_shard():
+    """5 tokens on 8 shards (a prompt batch of the shared-prompt GRPO forward, a decode step):
+    padded with masked tokens, the layer still equals one device."""
+    x = jax.random.normal(jax.random.key(1), (1, 5, MLA_MOE.d_model))
+    mask = jnp.asarray([[True, True, False, True, True]])
+    y_expected, stats_expected = MoELayer(MLA_MOE, rngs=nnx.Rngs(0))(x, mask)
+    mesh = make_mesh("expert=8")
+    with use_mesh(mesh):
+        layer = init_sharded(lambda: MoELayer(MLA_MOE, rngs=nnx.Rngs(0)), mesh)
+        y, stats = jax.jit(lambda layer, x: layer(x, mask))(layer, x)
+    np.testing.assert_allclose(y, y_expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stats["load"], stats_expected["load"])
+    assert float(stats["dropped_fraction"]) == 0.0
 
 
 def test_ragged_exchange_falls_back_on_cpu_with_warning(single_device):

@@ -99,7 +99,7 @@ def rl_prompt_batches(task: Task, tokenizer: Tokenizer, *, seed: int, batch_size
     dataset = grain.MapDataset.range(STREAM_LENGTH).shuffle(seed=seed)
     dataset = _process_rows_of_global_batches(dataset, batch_size, process_index, process_count).map(
         lambda i: _prompt_row(task, tokenizer, seed, int(i), prompt_len, template))
-    return dataset.to_iter_dataset().batch(batch_size, drop_remainder=True)
+    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)).batch(batch_size, drop_remainder=True)
 
 
 def _process_rows_of_global_batches(dataset: grain.MapDataset, local_batch: int, process_index: int | None,

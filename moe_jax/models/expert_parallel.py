@@ -80,10 +80,14 @@ def ep_dispatch_experts(x_NxD: jax.Array, expert_idx_NxK: jax.Array, weights_NxK
     if n_experts % n_ep:
         raise ValueError(f"n_routed_experts={n_experts} is not divisible by the expert axis "
                          f"({n_ep}). Fix: choose an expert axis size dividing {n_experts}")
-    n_batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if x_NxD.shape[0] % n_batch_shards:
-        raise ValueError(f"{x_NxD.shape[0]} tokens cannot be split over the batch axes "
-                         f"{BATCH_AXES} ({n_batch_shards} shards). Fix: use a batch divisible by it")
+    n_tokens, n_batch_shards = x_NxD.shape[0], math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if n_tokens % n_batch_shards:  # pad to whole shards with masked tokens (which send nothing)
+        pad = -n_tokens % n_batch_shards
+        y_NxD, dropped_fraction = ep_dispatch_experts(
+            *(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in (x_NxD, expert_idx_NxK, weights_NxK)),
+            w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, mesh=mesh, rules=rules, local_backend=local_backend,
+            capacity_factor=capacity_factor, token_mask_N=jnp.pad(token_mask_N, (0, pad)), exchange=exchange)
+        return y_NxD[:n_tokens], dropped_fraction
     gate_spec, down_spec = logical_to_spec(EXPERT_WEIGHT_AXES, rules), logical_to_spec(DOWN_WEIGHT_AXES, rules)
     if gate_spec[0] != "expert" or down_spec[0] != "expert":
         raise ValueError("expert parallelism needs the rule experts='expert'")

@@ -69,13 +69,17 @@ class MLAttention(nnx.Module):
                  cache_index: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         q_nope, q_rope = self._queries(x_BxTxD, cos_BxTxR, sin_BxTxR)
         latent, k_rope = self._latent(x_BxTxD, cos_BxTxR, sin_BxTxR)
-        if layer_cache is None:
-            out_BxTxHxV = self._expanded(q_nope, q_rope, latent, k_rope, mask_Bx1xTxS)
-        else:
+        if layer_cache is not None:
             layer_cache = {"latent": kv_cache.write_slots(layer_cache["latent"], latent, cache_index),
                            "k_rope": kv_cache.write_slots(layer_cache["k_rope"], k_rope, cache_index)}
-            out_BxTxHxV = self._absorbed(q_nope, q_rope, layer_cache["latent"],
-                                         layer_cache["k_rope"], mask_Bx1xTxS)
+            latent, k_rope = layer_cache["latent"], layer_cache["k_rope"]
+        # One new token attends in latent space; a chunk of T queries (a prefill, or completions
+        # scored on a shared prompt's cache) is cheaper expanded: its per-key up-projections are
+        # shared by T queries, and each query-key product is H·(dn + dr) wide, not H·(r + dr).
+        if layer_cache is not None and x_BxTxD.shape[1] == 1:
+            out_BxTxHxV = self._absorbed(q_nope, q_rope, latent, k_rope, mask_Bx1xTxS)
+        else:
+            out_BxTxHxV = self._expanded(q_nope, q_rope, latent, k_rope, mask_Bx1xTxS)
         y = project(out_BxTxHxV, self.w_o[...], in_axes=2)
         return y, layer_cache
 

@@ -65,9 +65,16 @@ class MoELayer(nnx.Module):
                  ) -> tuple[jax.Array, dict]:
         """`mask_BxT` is False on padding. `expert_idx_BxTxK` replays recorded expert choices
         instead of routing (GSPO's routing replay); the gate values still come from this
-        router's scores, so it is still trained. The stats dict holds `aux_loss` (the weighted
-        sum of the enabled balance losses), each loss unweighted, `load` (tokens per expert),
-        `max_vio`, `dropped_fraction`, `router_entropy` and the choices, `expert_idx` `[B, T, K]`."""
+        router's scores, so it is still trained. Returns the output and the `routing_stats` of
+        the call's routing."""
+        y_BxTxD, routing = self.mix(x_BxTxD, mask_BxT, expert_idx_BxTxK)
+        return y_BxTxD, routing_stats(routing, self.cfg)
+
+    def mix(self, x_BxTxD: jax.Array, mask_BxT: jax.Array, expert_idx_BxTxK: jax.Array | None = None
+            ) -> tuple[jax.Array, dict]:
+        """The layer's output and its routing, not yet reduced to statistics (so a caller that
+        runs one batch in parts can join the parts first): `logits` and `scores` `[B, T, E]`
+        (fp32), `expert_idx` `[B, T, K]`, `mask` `[B, T]` and `dropped_fraction`."""
         cfg = self.cfg
         b, t, d = x_BxTxD.shape
         x_NxD, mask_N = x_BxTxD.reshape(b * t, d), mask_BxT.reshape(b * t)
@@ -92,32 +99,40 @@ class MoELayer(nnx.Module):
                 *experts, backend=backend, capacity_factor=cfg.capacity_factor, token_mask_N=mask_N)
         if self.shared is not None:
             y_NxD = y_NxD + self.shared(x_NxD)
-        stats = self._stats(logits_NxE, scores_NxE, expert_idx_NxK, mask_N, (b, t))
-        stats["dropped_fraction"] = dropped_fraction
-        stats["expert_idx"] = expert_idx_NxK.reshape(b, t, -1)
-        return y_NxD.reshape(b, t, d), stats
-
-    def _stats(self, logits_NxE, scores_NxE, expert_idx_NxK, mask_N, batch_shape) -> dict:
-        cfg = self.cfg
-        losses = {
-            "switch_loss": (cfg.aux_loss_coef,
-                            lambda: router.switch_balance_loss(scores_NxE, expert_idx_NxK, mask_N)),
-            "seq_loss": (cfg.seq_aux_loss_coef,
-                         lambda: router.sequence_balance_loss(
-                             scores_NxE.reshape(*batch_shape, -1),
-                             expert_idx_NxK.reshape(*batch_shape, -1), mask_N.reshape(batch_shape))),
-            "z_loss": (cfg.router_z_loss_coef, lambda: router.router_z_loss(logits_NxE, mask_N)),
-        }
-        stats = {name: fn() for name, (coef, fn) in losses.items() if coef > 0}
-        stats["aux_loss"] = sum((losses[name][0] * value for name, value in stats.items()),
-                                jnp.zeros((), jnp.float32))
-        load_E = router.expert_counts(expert_idx_NxK, mask_N, cfg.n_routed_experts)
-        stats["load"] = load_E
-        stats["max_vio"] = router.max_violation(load_E)
-        stats["router_entropy"] = router.router_entropy(jax.lax.stop_gradient(scores_NxE), mask_N)
-        return stats
+        routing = {"logits": logits_NxE.reshape(b, t, -1), "scores": scores_NxE.reshape(b, t, -1),
+                   "expert_idx": expert_idx_NxK.reshape(b, t, -1), "mask": mask_BxT,
+                   "dropped_fraction": dropped_fraction}
+        return y_NxD.reshape(b, t, d), routing
 
     def update_bias(self, load_E: jax.Array) -> None:
         """Apply the loss-free bias step for the loads of one training step (outside the gradient)."""
         self.router_bias[...] = router.loss_free_bias_update(
             self.router_bias[...], load_E, self.cfg.router_bias_rate)
+
+
+def routing_stats(routing: dict, cfg: ModelConfig) -> dict:
+    """Balance losses and router statistics of one routing (`MoELayer.mix`): `aux_loss` (the
+    weighted sum of the enabled balance losses), each loss unweighted, `load` (tokens per
+    expert), `max_vio`, `dropped_fraction`, `router_entropy` and the choices, `expert_idx`
+    `[B, T, K]`. Padding (mask False) counts in none of them."""
+    b, t, e = routing["scores"].shape
+    logits_NxE, scores_NxE = routing["logits"].reshape(b * t, e), routing["scores"].reshape(b * t, e)
+    expert_idx_NxK, mask_N = routing["expert_idx"].reshape(b * t, -1), routing["mask"].reshape(b * t)
+    losses = {
+        "switch_loss": (cfg.aux_loss_coef,
+                        lambda: router.switch_balance_loss(scores_NxE, expert_idx_NxK, mask_N)),
+        "seq_loss": (cfg.seq_aux_loss_coef,
+                     lambda: router.sequence_balance_loss(routing["scores"], routing["expert_idx"],
+                                                          routing["mask"])),
+        "z_loss": (cfg.router_z_loss_coef, lambda: router.router_z_loss(logits_NxE, mask_N)),
+    }
+    stats = {name: fn() for name, (coef, fn) in losses.items() if coef > 0}
+    stats["aux_loss"] = sum((losses[name][0] * value for name, value in stats.items()),
+                            jnp.zeros((), jnp.float32))
+    load_E = router.expert_counts(expert_idx_NxK, mask_N, cfg.n_routed_experts)
+    stats["load"] = load_E
+    stats["max_vio"] = router.max_violation(load_E)
+    stats["router_entropy"] = router.router_entropy(jax.lax.stop_gradient(scores_NxE), mask_N)
+    stats["dropped_fraction"] = routing["dropped_fraction"]
+    stats["expert_idx"] = routing["expert_idx"]
+    return stats

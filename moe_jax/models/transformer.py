@@ -4,6 +4,8 @@ norm, LM head, and DeepSeek-V3's multi-token prediction modules (§2.2, eq. 21-2
 `Transformer(cfg, rngs=nnx.Rngs(0))(tokens_BxT) -> (logits_BxTxV, aux)`, where aux holds
 - `moe_aux_loss`: the weighted balance losses summed over MoE layers (add it to the LM loss);
 - `router`: per-MoE-layer statistics stacked on a leading layer axis (main layers, then MTP);
+  with `router_stats=False`, `routing` instead: each MoE layer's unreduced routing, for a caller
+  that joins the routings of a batch run in parts before `router_aux` reduces them;
 - `mtp_logits` `[D, B, T, V]` when `mtp_depth > 0` and no cache is given: depth k's logits at position i predict
   token i + k + 1 (the main logits predict i + 1);
 - `cache`: the updated KV cache when one was passed in.
@@ -20,7 +22,7 @@ from moe_jax.models import kv_cache
 from moe_jax.models.attention import GQAttention
 from moe_jax.models.layers import MLP, Embedding, Linear, RMSNorm, make_param, project
 from moe_jax.models.mla import MLAttention
-from moe_jax.models.moe import MoELayer
+from moe_jax.models.moe import MoELayer, routing_stats
 from moe_jax.models.rope import rope_tables
 from moe_jax.parallel.rules import constrain
 
@@ -40,15 +42,16 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache=None,
                  cache_index=None, expert_idx_BxTxK=None) -> tuple[jax.Array, dict | None, dict | None]:
+        """(output, updated layer cache, the MoE layer's routing or None for a dense block)."""
         attn_out, layer_cache = self.attn(self.attn_norm(x_BxTxD), *rope, mask_Bx1xTxS,
                                           layer_cache, cache_index)
         x_BxTxD = x_BxTxD + attn_out
         h = self.ffn_norm(x_BxTxD)
         if isinstance(self.ffn, MoELayer):
-            ffn_out, moe_stats = self.ffn(h, token_mask_BxT, expert_idx_BxTxK)
+            ffn_out, routing = self.ffn.mix(h, token_mask_BxT, expert_idx_BxTxK)
         else:
-            ffn_out, moe_stats = self.ffn(h), None
-        return x_BxTxD + ffn_out, layer_cache, moe_stats
+            ffn_out, routing = self.ffn(h), None
+        return x_BxTxD + ffn_out, layer_cache, routing
 
 
 class MTPModule(nnx.Module):
@@ -92,7 +95,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                  segment_ids_BxT: jax.Array | None = None, cache: dict | None = None,
                  mtp: bool = True, routing_LxBxTxK: jax.Array | None = None,
-                 logits_slice: slice = slice(None)) -> tuple[jax.Array, dict]:
+                 logits_slice: slice = slice(None), router_stats: bool = True) -> tuple[jax.Array, dict]:
         """Segment id 0 marks padding. `mtp=False` skips the MTP modules (RL and scoring need
         only the main logits). `logits_slice` picks the positions whose logits are computed
         (default all): a sampler's prefill needs only the last, RL scoring only the completion's,
@@ -119,28 +122,24 @@ class Transformer(nnx.Module):
                                                0 if cache is None else cache_index)
 
         x = constrain(self.embed(tokens_BxT, jnp.dtype(cfg.compute_dtype)), _ACT_BTD)
-        moe_stats, new_layer_caches = [], []
+        routings, new_layer_caches = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache["layers"][i]
-            replay = None if routing_LxBxTxK is None or not cfg.is_moe_layer(i) else routing_LxBxTxK[len(moe_stats)]
-            x, layer_cache, stats = block(x, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache, cache_index, replay)
+            replay = None if routing_LxBxTxK is None or not cfg.is_moe_layer(i) else routing_LxBxTxK[len(routings)]
+            x, layer_cache, routing = block(x, rope, mask_Bx1xTxS, token_mask_BxT, layer_cache, cache_index, replay)
             x = constrain(x, _ACT_BTD)
             new_layer_caches.append(layer_cache)
-            if stats is not None:
-                moe_stats.append(stats)
+            if routing is not None:
+                routings.append(routing)
         logits_BxTxV = self.logits(self.final_norm(x[:, logits_slice]))
 
         aux: dict = {}
         if self.mtp and mtp and cache is None:  # MTP is a training objective; decoding skips it
-            mtp_logits, mtp_stats = self._multi_token_logits(
+            mtp_logits, mtp_routings = self._multi_token_logits(
                 x, tokens_BxT, rope, mask_Bx1xTxS, token_mask_BxT)
             aux["mtp_logits"] = mtp_logits
-            moe_stats += mtp_stats
-        if moe_stats:
-            aux["router"] = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_stats)
-            aux["moe_aux_loss"] = aux["router"]["aux_loss"].sum()
-        else:
-            aux["moe_aux_loss"] = jnp.zeros((), jnp.float32)
+            routings += mtp_routings
+        aux.update(router_aux(routings, cfg) if router_stats else {"routing": routings})
         if cache is not None:
             aux["cache"] = {"index": cache_index + tokens_BxT.shape[1],
                             "segment_ids": kv_segments_BxS, "layers": tuple(new_layer_caches)}
@@ -149,18 +148,18 @@ class Transformer(nnx.Module):
     def _multi_token_logits(self, h_BxTxD, tokens_BxT, rope, mask_Bx1xTxS, token_mask_BxT):
         """Sequential MTP (eq. 21-23): depth k combines h^{k-1}_i with the embedding of t_{i+k}.
         Positions whose t_{i+k} lies past the end see a zero embedding; the loss masks them."""
-        logits, stats = [], []
+        logits, routings = [], []
         for k, module in enumerate(self.mtp, start=1):
             future_BxT = jnp.pad(tokens_BxT[:, k:], ((0, 0), (0, k)))
             emb = self.embed(future_BxT, h_BxTxD.dtype)
             emb = jnp.where((jnp.arange(tokens_BxT.shape[1]) < tokens_BxT.shape[1] - k)[None, :, None],
                             emb, 0)
             h = module.proj(jnp.concatenate([module.embed_norm(emb), module.hidden_norm(h_BxTxD)], -1))
-            h_BxTxD, _, block_stats = module.block(h, rope, mask_Bx1xTxS, token_mask_BxT)
+            h_BxTxD, _, routing = module.block(h, rope, mask_Bx1xTxS, token_mask_BxT)
             logits.append(self.logits(module.final_norm(h_BxTxD)))
-            if block_stats is not None:
-                stats.append(block_stats)
-        return jnp.stack(logits), stats
+            if routing is not None:
+                routings.append(routing)
+        return jnp.stack(logits), routings
 
     def moe_layers(self) -> list[MoELayer]:
         """Every MoE layer, in the order of `aux["router"]`'s leading axis."""
@@ -175,3 +174,12 @@ class Transformer(nnx.Module):
             layers = layers[:self.cfg.n_moe_layers]
         for layer, load_E in zip(layers, load_LxE, strict=True):
             layer.update_bias(load_E)
+
+
+def router_aux(routings: list[dict], cfg: ModelConfig) -> dict:
+    """`{"router": per-layer routing_stats stacked on a leading layer axis, "moe_aux_loss": their
+    weighted balance losses summed}` (a dense model: only the zero loss)."""
+    if not routings:
+        return {"moe_aux_loss": jnp.zeros((), jnp.float32)}
+    stats = jax.tree.map(lambda *xs: jnp.stack(xs), *[routing_stats(r, cfg) for r in routings])
+    return {"router": stats, "moe_aux_loss": stats["aux_loss"].sum()}

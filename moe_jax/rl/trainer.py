@@ -52,7 +52,7 @@ def grpo_loss_of(cfg: GRPOConfig) -> GRPOLoss:
                     max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
                     top_p=cfg.top_p, top_k=cfg.top_k, num_iterations=cfg.num_iterations,
                     minibatches=cfg.minibatches, microbatches=cfg.microbatches,
-                    routing_replay=cfg.routing_replay)
+                    routing_replay=cfg.routing_replay, group_size=cfg.group_size)
 
 
 def score(cfg: GRPOConfig, task, problems: list, texts: list[str], lengths_B: np.ndarray
