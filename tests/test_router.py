@@ -12,11 +12,14 @@ from moe_jax.configs import ModelConfig
 from moe_jax.models import router
 from moe_jax.models.moe import MoELayer
 
-# Router flavours of the presets: DeepSeek-V3 (sigmoid, groups, bias, scaling), DeepSeek-V2-Lite
+# Router flavours of the presets: DeepSeek-V3 (sigmoid, groups, bias, scaling; groups of 2 as in
+# tiny-moe, of 4 as in the full model's 32 where a group scores its top-2), DeepSeek-V2-Lite
 # (softmax, raw weights), Mixtral/Qwen3 (softmax, renormalised top-k).
 ROUTERS = {
     "v3": {"score_func": "sigmoid", "n_group": 4, "topk_group": 2, "norm_topk_prob": True,
                "routed_scaling_factor": 2.5, "n_shared_experts": 1},
+    "v3-groups-of-4": {"score_func": "sigmoid", "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
+                       "routed_scaling_factor": 2.5},
     "v2-lite": {"score_func": "softmax", "norm_topk_prob": False, "n_shared_experts": 2},
     "mixtral": {"score_func": "softmax", "norm_topk_prob": True},
 }
@@ -31,7 +34,7 @@ def _cfg(**router_options) -> ModelConfig:
 def test_moe_layer_matches_token_loop_reference(flavour):
     cfg = _cfg(**ROUTERS[flavour])
     layer = MoELayer(cfg, rngs=nnx.Rngs(0))
-    bias = np.random.default_rng(1).normal(size=8) * 0.2 if flavour == "v3" else np.zeros(8)
+    bias = np.random.default_rng(1).normal(size=8) * 0.2 if flavour.startswith("v3") else np.zeros(8)
     layer.router_bias.set_value(jnp.asarray(bias, jnp.float32))
     x = np.random.default_rng(2).normal(size=(2, 5, 16)).astype(np.float32)
     y, stats = layer(jnp.asarray(x), jnp.ones((2, 5), bool))

@@ -99,6 +99,8 @@ def rl_prompt_batches(task: Task, tokenizer: Tokenizer, *, seed: int, batch_size
     dataset = grain.MapDataset.range(STREAM_LENGTH).shuffle(seed=seed)
     dataset = _process_rows_of_global_batches(dataset, batch_size, process_index, process_count).map(
         lambda i: _prompt_row(task, tokenizer, seed, int(i), prompt_len, template))
+    # Built inline: a step's few prompt rows take ~1 ms, and grain's default 16 prefetch threads
+    # competed with XLA for the CPU (GRPO bench on 2 cores: sampling 31 -> 28 ms).
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)).batch(batch_size, drop_remainder=True)
 
 

@@ -34,6 +34,8 @@ def _limit_to_top_groups(choice_NxE: jax.Array, n_group: int, topk_group: int,
     grouped_NxGxM = choice_NxE.reshape(n, n_group, e // n_group)
     if group_score == "max":
         group_score_NxG = grouped_NxGxM.max(-1)
+    elif e // n_group <= 2:  # the top-2 of a group of two is all of it (and no sort: 0.6 ms on CPU)
+        group_score_NxG = grouped_NxGxM.sum(-1)
     else:
         group_score_NxG = jax.lax.top_k(grouped_NxGxM, 2)[0].sum(-1)
     _, top_groups_NxK = jax.lax.top_k(group_score_NxG, topk_group)
