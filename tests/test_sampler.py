@@ -183,20 +183,23 @@ def test_truncated_flags_rows_without_eos(moe_setup):
 
 def test_sampling_on_a_mesh_equals_one_device(moe_setup):
     """The rollout path of GRPO: the model sharded over 8 devices (data × expert), the prompts
-    split over the batch axes, the same tokens and log-probs as on one device."""
+    split over the batch axes and each group's prompt prefilled once (4 prompts of 5 slots: the
+    expert layer pads 20 tokens to 8 shards): the same tokens and log-probs as one device
+    prefilling every row."""
     from moe_jax.parallel import init_sharded, make_mesh, use_mesh
     from moe_jax.parallel.distributed import global_batch_array
 
     mesh = make_mesh("data=2,expert=4")
     sharded = init_sharded(lambda: moe_setup.model, mesh)
-    rows = 8  # divisible by the 8 batch shards
-    prompt_BxP = np.resize(np.asarray(moe_setup.prompt_BxP), (rows, P))
-    segments_BxP = np.resize(np.asarray(moe_setup.segments_BxP), (rows, P))
+    group = 2  # 4 prompts × 2 samples: 8 rows, divisible by the 8 batch shards
+    prompt_BxP = np.repeat(np.resize(np.asarray(moe_setup.prompt_BxP), (4, P)), group, axis=0)
+    segments_BxP = np.repeat(np.resize(np.asarray(moe_setup.segments_BxP), (4, P)), group, axis=0)
     kwargs = {"max_new_tokens": N, "eos_id": NO_EOS, "pad_id": PAD, "rng": jax.random.key(9), "temperature": 1.0}
     single = jit_generate(moe_setup.model, jnp.asarray(prompt_BxP), jnp.asarray(segments_BxP), **kwargs)
+    assert not np.array_equal(single["tokens"][0], single["tokens"][1])  # a group's rows sample apart
     with use_mesh(mesh):
         spread = jit_generate(sharded, global_batch_array(prompt_BxP, mesh), global_batch_array(segments_BxP, mesh),
-                              **kwargs)
+                              group_size=group, **kwargs)
     np.testing.assert_array_equal(np.asarray(spread["tokens"]), np.asarray(single["tokens"]))
     np.testing.assert_allclose(np.asarray(spread["logprobs"]), np.asarray(single["logprobs"]), atol=1e-5)
 
@@ -225,3 +228,11 @@ def test_sampled_token_frequencies_follow_the_filtered_distribution():
     assert set(np.flatnonzero(freq_V)) <= {0, 3, 4, 6}
     np.testing.assert_array_less(np.abs(freq_V - probs_V), 4.5 * np.sqrt(probs_V * (1 - probs_V) / rows) + 1e-12)
     np.testing.assert_allclose(logp_B, np.log(probs_V[np.asarray(tokens_B)]), rtol=1e-6)
+
+
+def test_bad_arguments_fail_before_compiling(moe_setup):
+    prompt = (moe_setup.prompt_BxP, moe_setup.segments_BxP)  # 3 rows
+    with pytest.raises(ValueError, match="do not split into groups of group_size=2"):
+        jit_generate(moe_setup.model, *prompt, max_new_tokens=N, eos_id=NO_EOS, pad_id=PAD, group_size=2)
+    with pytest.raises(ValueError, match="top_p"):
+        jit_generate(moe_setup.model, *prompt, max_new_tokens=N, eos_id=NO_EOS, pad_id=PAD, top_p=0.0)

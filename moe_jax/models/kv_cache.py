@@ -68,6 +68,21 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | No
             "layers": layers}
 
 
+def group_leaders(x_Bx: jax.Array, group_size: int) -> jax.Array:
+    """Row g·G of each group of G consecutive rows, `[B/G, ...]` (a reshape, so a batch-sharded
+    row axis stays local)."""
+    return x_Bx.reshape(x_Bx.shape[0] // group_size, group_size, *x_Bx.shape[1:])[:, 0]
+
+
+def repeat_rows(cache: Cache, group_size: int) -> Cache:
+    """A cache of P rows as one of P·G, row p serving rows [p·G, (p+1)·G): a prompt shared by a
+    group is prefilled once (the gradient of a repeat sums over the group)."""
+    def repeat(x):
+        return jnp.repeat(x, group_size, axis=0)
+    return {"index": cache["index"], "segment_ids": repeat(cache["segment_ids"]),
+            "layers": jax.tree.map(repeat, cache["layers"])}
+
+
 def write_slots(buffer_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.Array:
     """Write `new` into slots `index .. index + T` of a cache buffer (axis 1)."""
     start = (0, index) + (0,) * (buffer_BxSx.ndim - 2)

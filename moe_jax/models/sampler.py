@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from moe_jax.models import kv_cache
 from moe_jax.models.transformer import Transformer
 
-GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "eos_id", "pad_id", "temperature", "top_p", "top_k")
+GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "eos_id", "pad_id", "temperature", "top_p", "top_k", "group_size")
 
 
 def sampling_logits(logits_BxV: jax.Array, temperature: float, top_p: float, top_k: int = 0) -> jax.Array:
@@ -67,7 +67,8 @@ def sample_token(logits_BxV: jax.Array, key: jax.Array | None, temperature: floa
 
 def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_ids_BxP: jax.Array, *,
              max_new_tokens: int, eos_id: int, pad_id: int, rng: jax.Array | None = None,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> dict[str, jax.Array]:
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             group_size: int = 1) -> dict[str, jax.Array]:
     """Continue left-padded prompts (segment id 0 = padding; every row needs >= 1 prompt token)
     by `max_new_tokens` = N tokens.
 
@@ -76,6 +77,8 @@ def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_id
     and including eos), `lengths` int32 `[B]` and `truncated` bool `[B]` (no eos within N tokens). A finished row keeps being fed, as padding
     (segment id 0), so the batch stays rectangular without polluting router statistics.
     `rng` is required when `temperature > 0`; step t draws with `jax.random.split(rng, N)[t]`.
+    `group_size` G > 1 declares that rows [g·G, (g+1)·G) hold the same prompt (GRPO's groups): it
+    is prefilled once and its cache serves the G rows, which then sample independently.
     """
     if max_new_tokens < 1 or temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError("need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1 and top_k >= 0, "
@@ -85,10 +88,14 @@ def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_id
     batch, prompt_len = prompt_tokens_BxP.shape
     keys_N = jax.random.split(rng if rng is not None else jax.random.key(0), max_new_tokens)
 
-    cache = kv_cache.init_cache(model.cfg, batch, prompt_len + max_new_tokens)
+    if batch % group_size:
+        raise ValueError(f"{batch} rows do not split into groups of group_size={group_size}")
+    cache = kv_cache.init_cache(model.cfg, batch // group_size, prompt_len + max_new_tokens)
     # Left padding puts every row's last prompt token in the last slot.
-    logits_Bx1xV, aux = model(prompt_tokens_BxP, segment_ids_BxT=prompt_segment_ids_BxP, cache=cache,
-                              logits_slice=slice(-1, None))
+    logits_Px1xV, aux = model(kv_cache.group_leaders(prompt_tokens_BxP, group_size),
+                              segment_ids_BxT=kv_cache.group_leaders(prompt_segment_ids_BxP, group_size),
+                              cache=cache, logits_slice=slice(-1, None))
+    logits_Bx1xV, aux["cache"] = jnp.repeat(logits_Px1xV, group_size, axis=0), kv_cache.repeat_rows(aux["cache"], group_size)
     token_B, logp_B = sample_token(logits_Bx1xV[:, 0], keys_N[0], temperature, top_p, top_k)
     done_B = token_B == eos_id
 

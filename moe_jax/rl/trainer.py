@@ -169,7 +169,8 @@ def _sample_and_score(cfg: GRPOConfig, key: jax.Array, task, tokenizer, mesh, pr
     with use_mesh(mesh):
         out = jit_generate(policy, global_batch_array(prompt_BxP, mesh), global_batch_array(segments_BxP, mesh),
                            max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                           rng=key, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+                           rng=key, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           group_size=cfg.group_size)
     local_out = multihost_utils.global_array_to_host_local_array(out, mesh, PartitionSpec(BATCH_AXES))
     rollout = {"prompt": prompt_BxP, "prompt_segments": segments_BxP, **jax.device_get(local_out)}
     sampling_s = time.perf_counter() - start
