@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from moe_jax.models import kv_cache
 from moe_jax.models.transformer import Transformer
 
-GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "eos_id", "pad_id", "temperature", "top_p", "top_k", "group_size")
+GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "eos_id", "pad_id", "temperature", "top_p", "top_k",
+                            "group_size")
 
 
 def sampling_logits(logits_BxV: jax.Array, temperature: float, top_p: float, top_k: int = 0) -> jax.Array:
@@ -95,7 +96,7 @@ def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_id
     logits_Px1xV, aux = model(kv_cache.group_leaders(prompt_tokens_BxP, group_size),
                               segment_ids_BxT=kv_cache.group_leaders(prompt_segment_ids_BxP, group_size),
                               cache=cache, logits_slice=slice(-1, None))
-    logits_Bx1xV, aux["cache"] = jnp.repeat(logits_Px1xV, group_size, axis=0), kv_cache.repeat_rows(aux["cache"], group_size)
+    logits_Bx1xV = jnp.repeat(logits_Px1xV, group_size, axis=0)
     token_B, logp_B = sample_token(logits_Bx1xV[:, 0], keys_N[0], temperature, top_p, top_k)
     done_B = token_B == eos_id
 
@@ -119,7 +120,8 @@ def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_id
     out = {"tokens": jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B),
            "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logp_B),
            "mask": jnp.zeros((batch, max_new_tokens), bool).at[:, 0].set(True)}
-    *_, done_B, out = jax.lax.while_loop(unfinished, step, (1, aux["cache"], token_B, done_B, out))
+    cache = kv_cache.repeat_rows(aux["cache"], group_size)
+    *_, done_B, out = jax.lax.while_loop(unfinished, step, (1, cache, token_B, done_B, out))
     mask_BxN = out["mask"].astype(jnp.int32)
     return {"tokens": out["tokens"], "logprobs": out["logprobs"], "mask": mask_BxN,
             "lengths": mask_BxN.sum(axis=1), "truncated": ~done_B}
