@@ -115,9 +115,8 @@ def test_microbatch_accumulation_gives_the_same_update(rollout, loss_type):
 @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
 def test_padding_columns_past_every_completion_change_nothing(rollout, loss_type):
     """The loop trims completion columns that only hold padding (`completion_width`): the update
-    must be the one of the untrimmed batch. The two normalisers that padding could reach: DAPO's
-    token count and Dr. GRPO's fixed length (grpo's per-sequence means count masked tokens as
-    bnpo's and DAPO's sums do)."""
+    must be the one of the untrimmed batch. The two normalisers padding could reach are DAPO's
+    token count and Dr. GRPO's fixed length; grpo's per-sequence means use the same masked sums."""
     extra = 4
     padded = {**rollout,
               "tokens": jnp.pad(rollout["tokens"], ((0, 0), (0, extra))),
