@@ -101,7 +101,8 @@ class Transformer(nnx.Module):
         (default all): a sampler's prefill needs only the last, RL scoring only the completion's,
         and with a 150k vocabulary the others' `[B, T, V]` logits would dominate memory.
         `routing_LxBxTxK` replays the main MoE layers' expert choices recorded in an earlier
-        forward (`aux["router"]["expert_idx"]`). Positions default to each segment's own count from
+        forward (`aux["router"]["expert_idx"]`); `router_stats=False` returns the MoE layers'
+        routings unreduced (`aux["routing"]`). Positions default to each segment's own count from
         0; when decoding, to the row's number of cached non-padding tokens plus that count (right
         for left-padded prompts; pass positions explicitly for anything else)."""
         cfg = self.cfg
