@@ -3,7 +3,7 @@ workdir already has one), then improve it with pure RL — GRPO on rule-based re
 watch the held-out greedy accuracy climb.
 
     python experiments/r1_zero.py --workdir=/tmp/r1_zero                   # arithmetic, ~3 min
-    python experiments/r1_zero.py --workdir=/tmp/r1_cd --recipe=countdown  # ~22 min on 2 cores
+    python experiments/r1_zero.py --workdir=/tmp/r1_cd --recipe=countdown  # ~14 min on 2 cores
 
 `<workdir>/base` is the pretraining run and `<workdir>/grpo` the RL run; each resumes when the
 command is run again. `--config.*` configures the GRPO stage (and, through `model`, `task`,
