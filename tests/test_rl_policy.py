@@ -90,6 +90,9 @@ def test_shared_prompt_forward_equals_full_rows():
     for (path, g), g_s in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(grads_s), strict=True):
         np.testing.assert_allclose(g_s, g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=jax.tree_util.keystr(path))
 
+    with pytest.raises(ValueError, match="9 rows do not split into groups of group_size=2"):
+        objective(params, 2)
+
     # Replayed routing: each prompt's choices are taken from its group's first row.
     replay = jax.jit(lambda params, routing: [objective(params, g, routing)[1][0] for g in (1, group)])
     logp_r, logp_rs = replay(params, stats["expert_idx"])
