@@ -65,7 +65,7 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
         # mean token count of one minibatch, so every update sees the same scale.
         dapo_normalizer = jnp.maximum(rollout["mask"].sum(), 1) / loss.minibatches
         if loss.routing_replay and cfg.is_moe:
-            rollout = {**rollout, "routing": _record_routing(nnx.merge(graphdef, state)[0], rollout)}
+            rollout = {**rollout, "routing": _record_routing(nnx.merge(graphdef, state)[0], rollout, loss)}
         minibatches = jax.tree.map(lambda x: x.reshape(loss.minibatches, -1, *x.shape[1:]), rollout)
 
         def chunk_loss(params, params_graph, rest, chunk, weight):
@@ -139,11 +139,13 @@ def _shared_prompt_group(loss: GRPOLoss, rows: int) -> int:
     return loss.group_size if rows % loss.group_size == 0 else 1
 
 
-def _record_routing(model: Transformer, rollout: Rollout) -> jax.Array:
+def _record_routing(model: Transformer, rollout: Rollout, loss: GRPOLoss) -> jax.Array:
     """The main MoE layers' expert choices `[B, L, S, K]` for the rollout under the current (old)
     policy — GSPO §5's routing replay: the μ inner updates route every token as the policy that
-    produced the old log-probs did, so the ratio compares the same sub-networks."""
-    _, aux = model(rollout["tokens"], segment_ids_BxT=rollout["segment_ids"], mtp=False)
+    produced the old log-probs did, so the ratio compares the same sub-networks. (Recorded by
+    the scoring forward itself, prompts shared; the unused log-probs are compiled away.)"""
+    _, _, aux = completion_logprobs(model, rollout["tokens"], rollout["segment_ids"], rollout["mask"].shape[1],
+                                    group_size=_shared_prompt_group(loss, rollout["tokens"].shape[0]))
     return jax.lax.stop_gradient(aux["router"]["expert_idx"]).swapaxes(0, 1)
 
 
