@@ -32,7 +32,8 @@ R1_ZERO_DEFAULTS = {"task_options": "max_digits=3,ops=+,slip=carry", "error_rate
                     "checkpoint_every": 10, "eval_batches": 0, "eval_problems": 128,
                     "eval_max_new_tokens": 96, "log_every": 5}
 # Countdown with 3 numbers in [1, 99], a search task: the base imitates the generator's solutions
-# (20% of them with one operator swapped, missing the target) and reaches ~37% greedy accuracy.
+# (20% of them with one operator swapped, missing the target); its greedy accuracy is low and
+# sensitive to fp32 rounding (0.14 and 0.37 in two code versions: BUILD_NOTES.md).
 COUNTDOWN_DEFAULTS = {**R1_ZERO_DEFAULTS, "task": "countdown", "task_options": "min_numbers=3,max_numbers=3",
                       "template": "compact", "error_rate": 0.2, "seq_len": 176, "steps": 1000,
                       "eval_every": 100, "checkpoint_every": 100, "eval_problems": 256}
