@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from moe_jax.configs import get_preset
-from moe_jax.models import Transformer
+from moe_jax.models import Transformer, expert_parallel
 from moe_jax.models.moe import MoELayer
 from moe_jax.parallel import init_sharded, make_mesh, make_rules, parse_mesh_spec, state_shardings, use_mesh
+from tests.ragged_emulation import emulated_ragged_all_to_all
 
 MLA_MOE = get_preset("tiny-moe")
 GQA_MOE = dataclasses.replace(
@@ -79,16 +80,62 @@ def _assert_close(got, expected):
                                    err_msg=str(path))
 
 
-@pytest.mark.parametrize("name, spec", [
-    ("mla-moe", "data=8"), ("mla-moe", "expert=8"), ("mla-moe", "data=2,expert=4"),
-    ("mla-moe", "fsdp=2,expert=2,tensor=2"), ("gqa-moe", "data=2,expert=4"),
-    ("gqa-moe", "fsdp=2,expert=2,tensor=2"),
+@pytest.fixture
+def emulated_ragged(monkeypatch):
+    """The ragged exchange on CPU, through `emulated_ragged_all_to_all` (XLA:CPU lacks the op)."""
+    monkeypatch.setattr(expert_parallel, "ragged_all_to_all", emulated_ragged_all_to_all)
+    monkeypatch.setattr(expert_parallel, "RAGGED_UNSUPPORTED_PLATFORMS", ())
+
+
+def test_ragged_emulation_follows_the_documented_example():
+    """The two-device example of `jax.lax.ragged_all_to_all`'s docstring."""
+    args = {  # per device: operand, output, input_offsets, send_sizes, output_offsets, recv_sizes
+        0: ([1, 2, 2], [0, 0, 0, 0], [0, 1], [1, 2], [0, 0], [1, 1]),
+        1: ([3, 4, 0], [0, 0, 0, 0], [0, 1], [1, 1], [1, 2], [2, 1]),
+    }
+    stacked = [jnp.asarray([args[0][i], args[1][i]], jnp.int32).reshape(-1) for i in range(6)]
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("x",))
+    run = jax.shard_map(lambda *a: emulated_ragged_all_to_all(*a, axis_name="x"), mesh=mesh,
+                        in_specs=(jax.P("x"),) * 6, out_specs=jax.P("x"))
+    np.testing.assert_array_equal(np.asarray(run(*stacked)).reshape(2, 4), [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+@pytest.mark.skipif(jax.default_backend() in expert_parallel.RAGGED_UNSUPPORTED_PLATFORMS,
+                    reason="ragged_all_to_all needs a GPU or TPU")
+def test_ragged_emulation_matches_the_collective():
+    n = jax.device_count()
+    rng = np.random.default_rng(0)
+    send = rng.integers(0, 3, (n, n)).astype(np.int32)  # send[src, dst]
+    input_offsets = np.cumsum(send, 1) - send
+    recv = send.T  # recv[dst, src]
+    recv_offsets = np.cumsum(recv, 1) - recv
+    output_offsets = recv_offsets.T  # where src's chunk lands on dst
+    operand = rng.normal(size=(n, 3 * n, 2)).astype(np.float32)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("x",))
+    args = (operand.reshape(n * 3 * n, 2), np.zeros((n * 3 * n, 2), np.float32),
+            *(a.reshape(-1) for a in (input_offsets, send, output_offsets, recv)))
+    results = [jax.shard_map(lambda *a, f=f: f(*a, axis_name="x"), mesh=mesh, in_specs=(jax.P("x"),) * 6,
+                             out_specs=jax.P("x"))(*args)
+               for f in (jax.lax.ragged_all_to_all, emulated_ragged_all_to_all)]
+    np.testing.assert_array_equal(*results)
+
+
+@pytest.mark.parametrize("name, spec, exchange", [
+    ("mla-moe", "data=8", "all_to_all"), ("mla-moe", "expert=8", "all_to_all"),
+    ("mla-moe", "data=2,expert=4", "all_to_all"), ("mla-moe", "fsdp=2,expert=2,tensor=2", "all_to_all"),
+    ("gqa-moe", "data=2,expert=4", "all_to_all"), ("gqa-moe", "fsdp=2,expert=2,tensor=2", "all_to_all"),
+    ("mla-moe", "expert=8", "ragged"), ("mla-moe", "data=2,expert=4", "ragged"),
+    ("gqa-moe", "fsdp=2,expert=2,tensor=2", "ragged"),
 ])
-def test_mesh_matches_single_device(single_device, name, spec):
+def test_mesh_matches_single_device(single_device, request, name, spec, exchange):
     tokens, results = single_device
+    cfg = MODELS[name]
+    if exchange == "ragged":
+        request.getfixturevalue("emulated_ragged")
+        cfg = dataclasses.replace(cfg, ep_exchange="ragged_all_to_all")
     mesh = make_mesh(spec)
     with use_mesh(mesh):
-        model = init_sharded(lambda: Transformer(MODELS[name], rngs=nnx.Rngs(0)), mesh)
+        model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
         w_gate = model.blocks[1].ffn.w_gate[...]
         assert w_gate.sharding.spec == jax.P("expert", "fsdp", "tensor")
         loss, logits, grads, variables = _step(model, tokens)
@@ -138,6 +185,53 @@ def test_expert_parallel_pads_tokens_that_do_not_fill_every_shard():
     np.testing.assert_allclose(y, y_expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(stats["load"], stats_expected["load"])
     assert float(stats["dropped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0])
+def test_ragged_exchange_with_every_copy_on_one_shard(emulated_ragged, capacity_factor):
+    """Every token replays experts {0, 1}, both on shard 0 of `data=2,expert=4`: the worst case.
+    Dropless, the layer equals one device. With a receive buffer of one fair share (c = 1),
+    shard 0 keeps exactly the chunk of the first device in its expert group: 3/4 of the copies
+    are dropped, and every other token keeps only its shared expert."""
+    cfg = dataclasses.replace(MLA_MOE, ep_exchange="ragged_all_to_all", ep_capacity_factor=capacity_factor)
+    x = jax.random.normal(jax.random.key(2), (8, 4, cfg.d_model))
+    mask = jnp.ones((8, 4), bool).at[3, 1:].set(False)
+    replay = jnp.broadcast_to(jnp.asarray([1, 0]), (8, 4, 2))
+    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
+    y_expected, stats_expected = layer(x, mask, replay)
+    mesh = make_mesh("data=2,expert=4")
+    with use_mesh(mesh):
+        sharded = init_sharded(lambda: MoELayer(cfg, rngs=nnx.Rngs(0)), mesh)
+        y, stats = jax.jit(lambda layer, x: layer(x, mask, replay))(sharded, x)
+    np.testing.assert_array_equal(stats["load"], stats_expected["load"])
+    if capacity_factor == 0:
+        np.testing.assert_allclose(y, y_expected, rtol=1e-5, atol=1e-6)
+        assert float(stats["dropped_fraction"]) == 0.0
+        return
+    # Row b is token shard b = 4·data + expert; shard 0 of each data group receives first.
+    kept_BxT = np.zeros((8, 4), bool)
+    kept_BxT[[0, 4]] = True
+    y_shared = layer.shared(x.reshape(-1, cfg.d_model)).reshape(x.shape)  # no routed expert
+    np.testing.assert_allclose(y[kept_BxT], y_expected[kept_BxT], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y[~kept_BxT], y_shared[~kept_BxT], rtol=1e-5, atol=1e-6)
+    valid_rows_kept = 2 * 4 * 2  # two shards' chunks of 4 tokens × K = 2 copies
+    assert float(stats["dropped_fraction"]) == pytest.approx(1 - valid_rows_kept / (2 * int(mask.sum())))
+
+
+def test_ragged_exchange_lowers_for_gpu_with_the_real_collective(monkeypatch):
+    """The real `ragged_all_to_all` (not the emulation) accepts the exchange's arrays: a
+    training step's gradient lowers for CUDA, with the collective in its HLO — three exchanges
+    forward (copies, their expert ids, outputs) and the outputs' transpose backward."""
+    monkeypatch.setattr(expert_parallel, "RAGGED_UNSUPPORTED_PLATFORMS", ())
+    cfg = dataclasses.replace(MLA_MOE, ep_exchange="ragged_all_to_all", moe_dispatch="ragged")
+    x = jax.random.normal(jax.random.key(2), (8, 4, cfg.d_model))
+    mask = jnp.ones((8, 4), bool)
+    mesh = make_mesh("data=2,expert=4")
+    with use_mesh(mesh):
+        graphdef, state = nnx.split(init_sharded(lambda: MoELayer(cfg, rngs=nnx.Rngs(0)), mesh))
+        grad = jax.jit(jax.grad(lambda state: jnp.sum(nnx.merge(graphdef, state)(x, mask)[0] ** 2)))
+        hlo = grad.trace(state).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("ragged_all_to_all") == 4
 
 
 def test_ragged_exchange_falls_back_on_cpu_with_warning(single_device):

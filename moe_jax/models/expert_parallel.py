@@ -2,13 +2,22 @@
 
 Experts are split over the `expert` mesh axis (E_l = E / n_ep per device); tokens are split over
 every batch axis. Each device, on its own tokens (GShard §3.2; DeepSeek-V3 §3.2.2):
-  1. groups its token copies by the expert shard that owns their expert, into a capacity-padded
-     send buffer `[n_ep, C, D]` (with each copy's local expert id);
-  2. `all_to_all` over `expert`: every device receives the copies meant for its experts;
-  3. runs its local experts on them with a single-device backend (`dispatch.py`, K = 1);
-  4. `all_to_all` back, and combines each copy's output with its gate weight.
-Per device the exchange moves `2 · n_ep · C · D` values each way, with `C ≈ N_l · K / n_ep ·
-capacity factor`: it scales with tokens · top_k · d_model, not with the number of experts.
+  1. groups its token copies by the expert shard that owns their expert (with each copy's local
+     expert id);
+  2. sends every device the copies meant for its experts;
+  3. runs its local experts on what it received with a single-device backend (`dispatch.py`,
+     K = 1);
+  4. sends the outputs back, and combines each copy's output with its gate weight.
+Two exchanges (`ModelConfig.ep_exchange`):
+* ``all_to_all``: a capacity-padded send buffer `[n_ep, C, D]`, `C ≈ N_l · K / n_ep · capacity
+  factor` (copies past C are dropped); per device it moves `2 · n_ep · C · D` values each way.
+  Runs everywhere, CPU included.
+* ``ragged_all_to_all``: each destination gets exactly its copies, no padding on the wire (a
+  device sends `N_l · K · (n_ep − 1) / n_ep · D` values each way under balanced routing). The
+  receive buffer has a static size: the worst case `n_ep · N_l · K` rows (dropless), or `c · N_l
+  · K` with `ep_capacity_factor = c`, copies that do not fit being dropped. XLA:CPU has no
+  ragged-all-to-all, so on CPU it falls back to ``all_to_all`` with a warning.
+Either way the bytes scale with tokens · top_k · d_model, not with the number of experts.
 
 Routing, balance losses and router statistics stay outside, on the global arrays, so they are
 global by construction; the dropped fraction is summed over the whole mesh.
@@ -16,6 +25,7 @@ global by construction; the dropped fraction is summed over the whole mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -35,13 +45,16 @@ from moe_jax.parallel.mesh import BATCH_AXES
 from moe_jax.parallel.rules import Rules, logical_to_spec
 
 EXCHANGES = ("all_to_all", "ragged_all_to_all")
+RAGGED_UNSUPPORTED_PLATFORMS = ("cpu",)  # XLA:CPU has no ragged-all-to-all thunk (jax 0.10)
+# Looked up at call time, so a CPU test can put an emulation of the collective in its place.
+ragged_all_to_all = jax.lax.ragged_all_to_all
 EXPERT_WEIGHT_AXES = ("experts", "embed", "expert_mlp")
 DOWN_WEIGHT_AXES = ("experts", "expert_mlp", "embed")
 
 
 def resolve_exchange(exchange: str, platform: str | None = None) -> str:
     """`ragged_all_to_all` is not implemented on CPU in current JAX: fall back, with a warning."""
-    if exchange == "ragged_all_to_all" and (platform or jax.default_backend()) == "cpu":
+    if exchange == "ragged_all_to_all" and (platform or jax.default_backend()) in RAGGED_UNSUPPORTED_PLATFORMS:
         warnings.warn("ragged_all_to_all is unsupported on CPU; using the capacity-padded "
                       "all_to_all exchange instead", stacklevel=2)
         return "all_to_all"
@@ -57,12 +70,106 @@ def ep_capacity(n_local_tokens: int, top_k: int, n_ep: int, capacity_factor: flo
     return max(1, min(worst_case, math.ceil(capacity_factor * worst_case / n_ep)))
 
 
+def ragged_receive_rows(n_local_tokens: int, top_k: int, n_ep: int, capacity_factor: float) -> int:
+    """Rows of a device's receive buffer in the ragged exchange. `capacity_factor <= 0` means
+    dropless: room for every copy of the `n_ep` devices to come to one (`n_ep · N_l · K`);
+    otherwise `c` times a device's fair share `N_l · K`."""
+    worst_case = n_ep * n_local_tokens * top_k
+    if capacity_factor <= 0:
+        return worst_case
+    return max(1, min(worst_case, math.ceil(capacity_factor * n_local_tokens * top_k)))
+
+
 def _gather_over(weight: jax.Array, spec: PartitionSpec) -> jax.Array:
     """All-gather the non-expert dims of a local expert weight (FSDP/tensor shards)."""
     for dim, axes in enumerate(spec):
         if dim > 0 and axes is not None:
             weight = jax.lax.all_gather(weight, axes, axis=dim, tiled=True)
     return weight
+
+
+
+
+def _exclusive_cumsum(sizes: jax.Array) -> jax.Array:
+    return jnp.cumsum(sizes) - sizes
+
+
+def _local_experts(recv_x_RxD: jax.Array, recv_expert_R: jax.Array, valid_R: jax.Array,
+                   w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, local_backend: str) -> jax.Array:
+    """Step 3: the local experts on the received copies, one per row (K = 1, weight 1; rows that
+    hold no copy are masked out)."""
+    out_RxD, _ = dispatch_experts(
+        recv_x_RxD, recv_expert_R[:, None], jnp.ones((recv_x_RxD.shape[0], 1), jnp.float32),
+        w_gate, w_up, w_down, backend=local_backend, token_mask_N=valid_R)
+    return out_RxD
+
+
+def _padded_exchange(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down, *, n_ep: int,
+                     capacity: int, local_backend: str) -> tuple[jax.Array, jax.Array]:
+    """One device's part with the capacity-padded `all_to_all`. Returns its output and its
+    (dropped, valid) copy counts."""
+    n_local_experts = w_gate.shape[0]
+    # 1. Group copies by destination shard into [n_ep * C] send rows (GShard priority).
+    copies = sort_copies(idx_NxK // n_local_experts, mask_N, n_ep)
+    row_base = jnp.arange(n_ep, dtype=jnp.int32) * capacity
+    row_copy_R = place_rows(copies, row_base, n_ep * capacity, capacity)
+    row_token_R, row_weight_R = row_tokens_and_weights(row_copy_R, weights_NxK)
+    n_copies = idx_NxK.size
+    # Empty rows (copy id N*K) read the fill value: expert 0, masked out on arrival.
+    local_expert_R = idx_NxK.T.reshape(-1).at[row_copy_R].get(mode="fill", fill_value=0) % n_local_experts
+    send_x = gather_rows(x_NxD, row_token_R).reshape(n_ep, capacity, -1)
+    send_meta = jnp.stack([local_expert_R, (row_copy_R < n_copies).astype(jnp.int32)], -1)
+    # 2. Exchange: row block j goes to the device holding expert shard j.
+    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
+    recv_meta = jax.lax.all_to_all(send_meta.reshape(n_ep, capacity, 2), "expert", 0, 0, tiled=True)
+    recv_x, recv_meta = recv_x.reshape(n_ep * capacity, -1), recv_meta.reshape(n_ep * capacity, 2)
+    out_RxD = _local_experts(recv_x, recv_meta[:, 0], recv_meta[:, 1] == 1, w_gate, w_up, w_down,
+                             local_backend)
+    # 4. Send the outputs home and combine them with the gate weights.
+    back = jax.lax.all_to_all(out_RxD.reshape(n_ep, capacity, -1), "expert", 0, 0, tiled=True)
+    y_NxD = combine_rows(back.reshape(n_ep * capacity, -1), row_token_R, row_weight_R, x_NxD.shape[0])
+    valid = jnp.sum(copies.sizes_E)
+    return y_NxD, jnp.stack([valid - jnp.sum(jnp.minimum(copies.sizes_E, capacity)), valid])
+
+
+def _ragged_exchange(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down, *, n_ep: int,
+                     recv_rows: int, local_backend: str) -> tuple[jax.Array, jax.Array]:
+    """One device's part with `ragged_all_to_all`: each destination gets exactly its copies.
+
+    Per-peer arrays, indexed by the peer's position on `expert`: `send_sizes[j]` copies start at
+    `input_offsets[j]` of the send rows; the copies from source s land at `recv_offsets[s]` of
+    the receive rows (chunks in source order), of which `recv_kept[s]` fit the buffer. Returns the
+    device's output and its (dropped, valid) copy counts."""
+    n_local_experts, n_copies = w_gate.shape[0], idx_NxK.size
+    a2a = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0,
+                            tiled=True)
+    # 1. Copies sorted by destination shard: one contiguous chunk per shard, valid copies first.
+    copies = sort_copies(idx_NxK // n_local_experts, mask_N, n_ep)
+    send_sizes = copies.sizes_E
+    input_offsets = _exclusive_cumsum(send_sizes)
+    row_copy_R = place_rows(copies, input_offsets, n_copies)
+    row_token_R, row_weight_R = row_tokens_and_weights(row_copy_R, weights_NxK)
+    local_expert_R = idx_NxK.T.reshape(-1).at[row_copy_R].get(mode="fill", fill_value=0) % n_local_experts
+    # 2. Sizes and offsets, then the copies and their local expert ids.
+    recv_sizes = a2a(send_sizes)
+    recv_offsets = _exclusive_cumsum(recv_sizes)
+    recv_kept = jnp.clip(recv_rows - recv_offsets, 0, recv_sizes)  # what fits the receive buffer
+    output_offsets, send_kept, home_offsets = a2a(recv_offsets), a2a(recv_kept), a2a(input_offsets)
+
+    def send(rows, n_out_rows, offsets, sizes, peer_offsets, peer_sizes):
+        out = jnp.zeros((n_out_rows,) + rows.shape[1:], rows.dtype)
+        return ragged_all_to_all(rows, out, offsets, sizes, peer_offsets, peer_sizes, axis_name="expert")
+
+    there = (input_offsets, send_kept, output_offsets, recv_kept)
+    recv_x = send(gather_rows(x_NxD, row_token_R), recv_rows, *there)
+    recv_expert_R = send(local_expert_R[:, None], recv_rows, *there)[:, 0]
+    valid_R = jnp.arange(recv_rows) < jnp.sum(recv_kept)
+    out_RxD = _local_experts(recv_x, recv_expert_R, valid_R, w_gate, w_up, w_down, local_backend)
+    # 4. Each chunk goes back to where its copies left; dropped copies come back as zeros.
+    back = send(out_RxD, n_copies, recv_offsets, recv_kept, home_offsets, send_kept)
+    y_NxD = combine_rows(back, row_token_R, row_weight_R, x_NxD.shape[0])
+    valid = jnp.sum(send_sizes)
+    return y_NxD, jnp.stack([valid - jnp.sum(send_kept), valid])
 
 
 def ep_dispatch_experts(x_NxD: jax.Array, expert_idx_NxK: jax.Array, weights_NxK: jax.Array,
@@ -72,10 +179,12 @@ def ep_dispatch_experts(x_NxD: jax.Array, expert_idx_NxK: jax.Array, weights_NxK
                         ) -> tuple[jax.Array, jax.Array]:
     """`dispatch_experts` with experts sharded over the mesh's `expert` axis.
 
-    Returns `(y_NxD, dropped_fraction)` (copies that overflowed a send buffer / valid copies)."""
+    `capacity_factor` bounds the send buffer (`all_to_all`) or the receive buffer
+    (`ragged_all_to_all`); 0 is dropless. Returns `(y_NxD, dropped_fraction)` (copies that did
+    not fit a buffer / valid copies, over the whole mesh)."""
     exchange = resolve_exchange(exchange)
-    if exchange != "all_to_all":
-        raise NotImplementedError("the ragged_all_to_all exchange is not implemented yet")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"unknown exchange {exchange!r}. Fix: use one of {EXCHANGES}")
     n_ep, n_experts = mesh.shape["expert"], w_gate_ExDxF.shape[0]
     if n_experts % n_ep:
         raise ValueError(f"n_routed_experts={n_experts} is not divisible by the expert axis "
@@ -92,38 +201,19 @@ def ep_dispatch_experts(x_NxD: jax.Array, expert_idx_NxK: jax.Array, weights_NxK
     if gate_spec[0] != "expert" or down_spec[0] != "expert":
         raise ValueError("expert parallelism needs the rule experts='expert'")
     tokens = PartitionSpec(BATCH_AXES)
-    n_local = x_NxD.shape[0] // n_batch_shards
-    capacity = ep_capacity(n_local, expert_idx_NxK.shape[1], n_ep, capacity_factor)
+    n_local, top_k = n_tokens // n_batch_shards, expert_idx_NxK.shape[1]
+    if exchange == "all_to_all":
+        device_part = functools.partial(_padded_exchange, n_ep=n_ep, local_backend=local_backend,
+                                        capacity=ep_capacity(n_local, top_k, n_ep, capacity_factor))
+    else:
+        device_part = functools.partial(_ragged_exchange, n_ep=n_ep, local_backend=local_backend,
+                                        recv_rows=ragged_receive_rows(n_local, top_k, n_ep, capacity_factor))
 
     def local(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down):
         w_gate, w_up = _gather_over(w_gate, gate_spec), _gather_over(w_up, gate_spec)
         w_down = _gather_over(w_down, down_spec)
-        n_local_experts = w_gate.shape[0]
-        # 1. Group copies by destination shard into [n_ep * C] send rows (GShard priority).
-        copies = sort_copies(idx_NxK // n_local_experts, mask_N, n_ep)
-        row_base = jnp.arange(n_ep, dtype=jnp.int32) * capacity
-        row_copy_R = place_rows(copies, row_base, n_ep * capacity, capacity)
-        row_token_R, row_weight_R = row_tokens_and_weights(row_copy_R, weights_NxK)
-        n_copies = idx_NxK.size
-        # Empty rows (copy id N*K) read the fill value: expert 0, masked out on arrival.
-        local_expert_R = idx_NxK.T.reshape(-1).at[row_copy_R].get(mode="fill", fill_value=0) % n_local_experts
-        send_x = gather_rows(x_NxD, row_token_R).reshape(n_ep, capacity, -1)
-        send_meta = jnp.stack([local_expert_R, (row_copy_R < n_copies).astype(jnp.int32)], -1)
-        # 2. Exchange: row block j goes to the device holding expert shard j.
-        recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
-        recv_meta = jax.lax.all_to_all(send_meta.reshape(n_ep, capacity, 2), "expert", 0, 0, tiled=True)
-        recv_x, recv_meta = recv_x.reshape(n_ep * capacity, -1), recv_meta.reshape(n_ep * capacity, 2)
-        # 3. Local experts, one copy per row (K = 1, weight 1; empty rows masked out).
-        out_RxD, _ = dispatch_experts(
-            recv_x, recv_meta[:, :1], jnp.ones((recv_x.shape[0], 1), jnp.float32), w_gate, w_up,
-            w_down, backend=local_backend, token_mask_N=recv_meta[:, 1] == 1)
-        # 4. Send the outputs home and combine them with the gate weights.
-        back = jax.lax.all_to_all(out_RxD.reshape(n_ep, capacity, -1), "expert", 0, 0, tiled=True)
-        y_NxD = combine_rows(back.reshape(n_ep * capacity, -1), row_token_R, row_weight_R,
-                             x_NxD.shape[0])
-        valid = jnp.sum(copies.sizes_E)
-        kept = jnp.sum(jnp.minimum(copies.sizes_E, capacity))
-        counts = jax.lax.psum(jnp.stack([valid - kept, valid]).astype(jnp.float32), mesh.axis_names)
+        y_NxD, counts = device_part(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down)
+        counts = jax.lax.psum(counts.astype(jnp.float32), mesh.axis_names)
         return y_NxD.astype(x_NxD.dtype), counts[0] / jnp.maximum(counts[1], 1.0)
 
     sharded = jax.shard_map(
