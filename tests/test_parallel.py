@@ -10,6 +10,7 @@ from flax import nnx
 
 from moe_jax.configs import get_preset
 from moe_jax.models import Transformer, expert_parallel
+from moe_jax.models.ep_traffic import padded_exchange_bytes, ragged_exchange_bytes
 from moe_jax.models.moe import MoELayer
 from moe_jax.parallel import init_sharded, make_mesh, make_rules, parse_mesh_spec, state_shardings, use_mesh
 from tests.ragged_emulation import emulated_ragged_all_to_all
@@ -95,8 +96,8 @@ def test_ragged_emulation_follows_the_documented_example():
     }
     stacked = [jnp.asarray([args[0][i], args[1][i]], jnp.int32).reshape(-1) for i in range(6)]
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("x",))
-    run = jax.shard_map(lambda *a: emulated_ragged_all_to_all(*a, axis_name="x"), mesh=mesh,
-                        in_specs=(jax.P("x"),) * 6, out_specs=jax.P("x"))
+    run = jax.jit(jax.shard_map(lambda *a: emulated_ragged_all_to_all(*a, axis_name="x"), mesh=mesh,
+                                in_specs=(jax.P("x"),) * 6, out_specs=jax.P("x")))
     np.testing.assert_array_equal(np.asarray(run(*stacked)).reshape(2, 4), [[1, 3, 0, 0], [2, 2, 4, 0]])
 
 
@@ -265,3 +266,18 @@ def test_single_process_global_batch_and_initialize_is_opt_in():
     batch = global_batch_array(np.arange(16 * 3).reshape(16, 3), mesh)
     assert batch.shape == (16, 3) and batch.sharding.spec == jax.P(("data", "fsdp", "expert"))
     np.testing.assert_array_equal(batch, np.arange(48).reshape(16, 3))
+
+
+def test_exchange_bytes_hand_computed():
+    # Padded: 8 tokens on ep=2, K=2, D=4 fp32, dropless -> C = N_l·K = 8 slots per shard, 16 in all,
+    # of which 8 leave the device: 8 · (16 B of x + 8 B of metadata) out, 8 · 16 B back.
+    padded = padded_exchange_bytes(8, 2, 2, 4, capacity_factor=0.0)
+    assert (padded["capacity_per_shard"], padded["send_bytes"]) == (8, 8 * 24 + 8 * 16)
+    # Ragged: experts 0, 1 on shard 0 and 2, 3 on shard 1, D = 2 (8 B rows). Each device keeps one
+    # copy and sends one (8 B + a 4 B id), and returns one output for the other (8 B).
+    balanced = ragged_exchange_bytes(np.asarray([[0], [2], [3], [1]]), 2, 4, 2, capacity_factor=0.0)
+    assert (balanced["send_bytes"], balanced["recv_bytes"], balanced["dropped_fraction"]) == (20, 20, 0.0)
+    # Every copy to shard 0, whose buffer holds one fair share (N_l·K = 2 rows): its own two copies
+    # fill it, device 1's two are dropped and nothing crosses the wire.
+    skewed = ragged_exchange_bytes(np.asarray([[0], [1], [0], [1]]), 2, 4, 2, capacity_factor=1.0)
+    assert (skewed["send_bytes"], skewed["receive_rows"], skewed["dropped_fraction"]) == (0, 2, 0.5)
