@@ -88,8 +88,6 @@ def _gather_over(weight: jax.Array, spec: PartitionSpec) -> jax.Array:
     return weight
 
 
-
-
 def _exclusive_cumsum(sizes: jax.Array) -> jax.Array:
     return jnp.cumsum(sizes) - sizes
 
@@ -123,6 +121,7 @@ def _padded_exchange(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down, 
     recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
     recv_meta = jax.lax.all_to_all(send_meta.reshape(n_ep, capacity, 2), "expert", 0, 0, tiled=True)
     recv_x, recv_meta = recv_x.reshape(n_ep * capacity, -1), recv_meta.reshape(n_ep * capacity, 2)
+    # 3. Local experts.
     out_RxD = _local_experts(recv_x, recv_meta[:, 0], recv_meta[:, 1] == 1, w_gate, w_up, w_down,
                              local_backend)
     # 4. Send the outputs home and combine them with the gate weights.
@@ -164,6 +163,7 @@ def _ragged_exchange(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down, 
     recv_x = send(gather_rows(x_NxD, row_token_R), recv_rows, *there)
     recv_expert_R = send(local_expert_R[:, None], recv_rows, *there)[:, 0]
     valid_R = jnp.arange(recv_rows) < jnp.sum(recv_kept)
+    # 3. Local experts.
     out_RxD = _local_experts(recv_x, recv_expert_R, valid_R, w_gate, w_up, w_down, local_backend)
     # 4. Each chunk goes back to where its copies left; dropped copies come back as zeros.
     back = send(out_RxD, n_copies, recv_offsets, recv_kept, home_offsets, send_kept)
