@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from ragged_emulation import emulated_ragged_all_to_all
 
 from moe_jax.configs import get_preset
 from moe_jax.models import Transformer, expert_parallel
 from moe_jax.models.ep_traffic import padded_exchange_bytes, ragged_exchange_bytes
 from moe_jax.models.moe import MoELayer
 from moe_jax.parallel import init_sharded, make_mesh, make_rules, parse_mesh_spec, state_shardings, use_mesh
-from tests.ragged_emulation import emulated_ragged_all_to_all
 
 MLA_MOE = get_preset("tiny-moe")
 GQA_MOE = dataclasses.replace(
