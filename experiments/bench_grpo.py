@@ -21,7 +21,7 @@ from moe_jax.configs import count_params
 from moe_jax.data.pipelines import rl_prompt_batches
 from moe_jax.data.tasks import make_task
 from moe_jax.data.tokenizer import load_tokenizer
-from moe_jax.parallel import make_mesh
+from moe_jax.parallel import make_mesh, parse_rules
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.step import make_grpo_step
 from moe_jax.rl.trainer import grpo_loss_of, one_step
@@ -49,7 +49,8 @@ def main(argv: list[str]) -> None:
     tokenizer = load_tokenizer(cfg.tokenizer)
     task = make_task(cfg.task, **parse_task_options(cfg.task_options))
     model, optimizer = init_model_and_optimizer(cfg, mesh)
-    grpo_step, state = make_grpo_step(model, optimizer, grpo_loss_of(cfg), mesh=mesh)
+    grpo_step, state = make_grpo_step(model, optimizer, grpo_loss_of(cfg), mesh=mesh,
+                                      rules=parse_rules(cfg.sharding_rules))
     model_graphdef = nnx.graphdef(model)
     del model, optimizer
     prompts = iter(rl_prompt_batches(task, tokenizer, seed=cfg.seed, batch_size=cfg.prompts_per_step,

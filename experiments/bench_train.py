@@ -18,7 +18,7 @@ from absl import app, flags
 from moe_jax import config_flags
 from moe_jax.configs import count_params, flops_per_token
 from moe_jax.models.moe import resolve_dispatch
-from moe_jax.parallel import make_mesh
+from moe_jax.parallel import make_mesh, parse_rules
 from moe_jax.parallel.distributed import global_batch_array
 from moe_jax.train.metrics import mfu, peak_flops_per_device
 from moe_jax.train.step import make_train_step
@@ -36,7 +36,8 @@ def main(argv: list[str]) -> None:
     cfg = config_flags.config_from_flags()
     mesh = make_mesh(FLAGS.mesh or "auto")
     model, optimizer = init_model_and_optimizer(cfg, mesh)
-    step, state = make_train_step(model, optimizer, microbatches=cfg.microbatches, mesh=mesh)
+    step, state = make_train_step(model, optimizer, microbatches=cfg.microbatches, mesh=mesh,
+                                  rules=parse_rules(cfg.sharding_rules))
     del model, optimizer
     # Full rows of random tokens: one document per row, every token a target.
     rng = np.random.default_rng(0)

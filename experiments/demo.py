@@ -20,7 +20,7 @@ from moe_jax import config_flags
 from moe_jax.configs import count_params, flops_per_token
 from moe_jax.models import Transformer, cache_bytes_per_token
 from moe_jax.models.moe import resolve_dispatch
-from moe_jax.parallel import init_sharded, make_mesh, use_mesh
+from moe_jax.parallel import init_sharded, make_mesh, parse_rules, use_mesh
 from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
 
 config_flags.define_config_flags()
@@ -59,11 +59,12 @@ def main(argv: list[str]) -> None:
 
     tokens = jax.random.randint(jax.random.key(1), (batch, seq_len), 0, cfg.vocab_size)
     mesh = make_mesh(FLAGS.mesh) if FLAGS.mesh else None
-    with use_mesh(mesh) if mesh else contextlib.nullcontext():
+    rules = parse_rules(experiment.sharding_rules)
+    with use_mesh(mesh, rules) if mesh else contextlib.nullcontext():
         def make_model() -> Transformer:  # Rngs made inside, so each trace gets its own
             return Transformer(cfg, rngs=nnx.Rngs(0))
 
-        model = init_sharded(make_model, mesh) if mesh else nnx.jit(make_model)()
+        model = init_sharded(make_model, mesh, rules) if mesh else nnx.jit(make_model)()
         forward = nnx.jit(lambda m, t: m(t))
         jax.block_until_ready(forward(model, tokens))
         start = time.perf_counter()

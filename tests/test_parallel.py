@@ -13,7 +13,18 @@ from moe_jax.configs import get_preset
 from moe_jax.models import Transformer, expert_parallel
 from moe_jax.models.ep_traffic import padded_exchange_bytes, ragged_exchange_bytes
 from moe_jax.models.moe import MoELayer
-from moe_jax.parallel import init_sharded, make_mesh, make_rules, parse_mesh_spec, state_shardings, use_mesh
+from moe_jax.parallel import (
+    init_sharded,
+    make_mesh,
+    make_rules,
+    parse_mesh_spec,
+    parse_rules,
+    state_shardings,
+    use_mesh,
+)
+from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.step import make_train_step
+from moe_jax.train.trainer import init_model_and_optimizer
 
 MLA_MOE = get_preset("tiny-moe")
 GQA_MOE = dataclasses.replace(
@@ -31,6 +42,37 @@ def test_mesh_spec_parsing_and_errors():
     with pytest.raises(ValueError, match="bad entry 'pipeline=2'"):
         parse_mesh_spec("pipeline=2,data=4", 8)
     assert make_mesh("fsdp=2,expert=2,tensor=2").shape == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+
+
+def test_rules_from_a_config_string():
+    rules = parse_rules("embed=None, experts=expert+fsdp,vocab=tensor")
+    assert rules == {**make_rules(), "embed": None, "experts": ("expert", "fsdp")}
+    assert parse_rules("") == make_rules()
+    for bad, message in [("embed", "bad rule 'embed'"), ("embed=pipeline", "bad rule"),
+                         ("pipeline=data", "unknown logical axes"), ("batch=data", "'batch' is not configurable")]:
+        with pytest.raises(ValueError, match=message):
+            parse_rules(bad)
+
+
+def test_config_rules_shard_the_training_state(single_device):
+    """`ExperimentConfig.sharding_rules` reaches the initial state and the jitted step: with
+    `embed=None` the embedding-dimension shards go (FSDP off), the step keeps that layout, and the
+    numbers are one device's."""
+    tokens, _ = single_device
+    cfg = ExperimentConfig(model=MLA_MOE, sharding_rules="embed=None", learning_rate=1e-3)
+    mesh = make_mesh("fsdp=2,expert=2,tensor=2")
+    model, optimizer = init_model_and_optimizer(cfg, mesh)
+    assert model.blocks[1].ffn.w_gate[...].sharding.spec == jax.P("expert", None, "tensor")
+    step, state = make_train_step(model, optimizer, mesh=mesh, rules=parse_rules(cfg.sharding_rules))
+    batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens), "positions": jnp.tile(jnp.arange(16), (8, 1)),
+             "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
+    state, metrics = step(state, batch)
+    w_gate = nnx.merge(nnx.graphdef((model, optimizer)), state)[0].blocks[1].ffn.w_gate[...]
+    assert w_gate.sharding.spec == jax.P("expert", None, "tensor")
+    reference_model, reference_optimizer = init_model_and_optimizer(cfg, make_mesh("data=8"))
+    reference_step, reference_state = make_train_step(reference_model, reference_optimizer)
+    _, reference_metrics = reference_step(reference_state, batch)
+    np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"], rtol=1e-5)
 
 
 def test_indivisible_dimension_fails_before_compiling():

@@ -129,10 +129,14 @@ def test_nan_loss_stops_and_never_checkpoints_nan(tmp_path):
         assert all(np.isfinite(x).all() for x in leaves), step
 
 
-def test_conflicting_config_is_refused_but_cadence_may_change(tmp_path):
+def test_conflicting_config_is_refused_but_cadence_and_layout_may_change(tmp_path):
     workdir = str(tmp_path)
     (tmp_path / "config.json").write_text(CFG.to_json())
-    check_workdir_config(dataclasses.replace(CFG, eval_every=2, checkpoint_every=5), workdir)
+    check_workdir_config(dataclasses.replace(CFG, eval_every=2, checkpoint_every=5, sharding_rules="embed=None"),
+                         workdir)
+    saved_before_the_field = {k: v for k, v in CFG.to_dict().items() if k != "sharding_rules"}
+    (tmp_path / "config.json").write_text(json.dumps(saved_before_the_field))
+    check_workdir_config(CFG, workdir)
     other = dataclasses.replace(CFG, learning_rate=1e-3, model=dataclasses.replace(CFG.model, top_k=1))
     with pytest.raises(ConfigConflictError) as error:
         train(other, workdir)

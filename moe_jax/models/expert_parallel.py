@@ -199,7 +199,9 @@ def ep_dispatch_experts(x_NxD: jax.Array, expert_idx_NxK: jax.Array, weights_NxK
         return y_NxD[:n_tokens], dropped_fraction
     gate_spec, down_spec = logical_to_spec(EXPERT_WEIGHT_AXES, rules), logical_to_spec(DOWN_WEIGHT_AXES, rules)
     if gate_spec[0] != "expert" or down_spec[0] != "expert":
-        raise ValueError("expert parallelism needs the rule experts='expert'")
+        raise ValueError(f"expert parallelism (a mesh with expert={n_ep}) needs the rule experts='expert', "
+                         f"but the expert weights' specs are {gate_spec} and {down_spec}. Fix: drop the "
+                         "experts override from sharding_rules, or use expert=1 in --mesh")
     tokens = PartitionSpec(BATCH_AXES)
     n_local, top_k = n_tokens // n_batch_shards, expert_idx_NxK.shape[1]
     if exchange == "all_to_all":

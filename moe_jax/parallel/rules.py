@@ -4,7 +4,8 @@ Every parameter carries `logical_axes` metadata (`moe_jax.models.layers.make_par
 maps each logical name to a mesh axis, a tuple of mesh axes, or None (replicated). The defaults
 shard parameters FSDP-style over `fsdp`, experts over `expert`, and heads / MLP widths over
 `tensor`; activations shard their batch over every axis that holds different tokens.
-Change a rule with `make_rules({"embed": None})` (e.g. to replicate instead of FSDP).
+Change a rule with `make_rules({"embed": None})` (e.g. to replicate instead of FSDP); from a
+script, `--config.sharding_rules=embed=None,mlp=fsdp+tensor` (`parse_rules`).
 
 Activations are annotated inside the model with `constrain(x, ("batch", "length", "act_embed"))`,
 a no-op unless a mesh is activated with `use_mesh(mesh, rules)`.
@@ -21,7 +22,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax.parallel.mesh import BATCH_AXES
+from moe_jax.parallel.mesh import BATCH_AXES, MESH_AXES
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
@@ -56,6 +57,24 @@ def make_rules(overrides: Rules | None = None) -> dict[str, MeshAxes]:
     if unknown:
         raise ValueError(f"unknown logical axes {sorted(unknown)}; known: {sorted(DEFAULT_RULES)}")
     return {**DEFAULT_RULES, **overrides}
+
+
+def parse_rules(text: str) -> dict[str, MeshAxes]:
+    """The rule table with the overrides in `text` (`""`: the defaults). `text` is comma-separated
+    `logical=axes`, axes being `None` (replicated), one mesh axis, or several joined by `+`:
+    `"embed=None,mlp=fsdp+tensor"`."""
+    overrides: dict[str, MeshAxes] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        axes = tuple(a.strip() for a in value.split("+"))
+        if not sep or not name or not value or (value != "None" and not set(axes) <= set(MESH_AXES)):
+            raise ValueError(f"bad rule {part!r}. Fix: write logical=axes pairs, axes being None or "
+                             f"mesh axes from {MESH_AXES} joined by '+', e.g. 'embed=None,experts=expert'")
+        if name == "batch":
+            raise ValueError("the rule 'batch' is not configurable: a batch is split over every mesh "
+                             f"axis that holds different tokens, {BATCH_AXES}. Fix: size those axes in --mesh")
+        overrides[name] = None if value == "None" else axes[0] if len(axes) == 1 else axes
+    return make_rules(overrides)
 
 
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:

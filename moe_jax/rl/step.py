@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moe_jax.models import Transformer
+from moe_jax.parallel.rules import Rules
 from moe_jax.rl.grpo import policy_loss
 from moe_jax.rl.policy import completion_logprobs
 from moe_jax.train.step import jit_over_mesh
@@ -51,7 +52,7 @@ class GRPOLoss:
 
 
 def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss, *,
-                   mesh: Mesh | None = None) -> tuple[Callable[[nnx.State, Rollout], tuple[nnx.State, dict]],
+                   mesh: Mesh | None = None, rules: Rules | None = None) -> tuple[Callable[[nnx.State, Rollout], tuple[nnx.State, dict]],
                                                       nnx.State]:
     """(jitted `step(state, rollout) -> (state, metrics)`, initial state); metrics are means over
     the μ × minibatches updates."""
@@ -116,7 +117,7 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
         state, metrics = jax.lax.scan(update, state, jnp.arange(updates))
         return state, jax.tree.map(lambda m: m.mean(0), metrics)
 
-    return jit_over_mesh(step, state, mesh, donate=True), state
+    return jit_over_mesh(step, state, mesh, donate=True, rules=rules), state
 
 
 def _chunk_weight(loss: GRPOLoss, mask_CxBxT: jax.Array) -> jax.Array:
@@ -149,8 +150,8 @@ def _record_routing(model: Transformer, rollout: Rollout, loss: GRPOLoss) -> jax
     return jax.lax.stop_gradient(aux["router"]["expert_idx"]).swapaxes(0, 1)
 
 
-def make_logprob_fn(model: Transformer, loss: GRPOLoss, *, mesh: Mesh | None = None
-                    ) -> Callable[[nnx.State, Rollout], jax.Array]:
+def make_logprob_fn(model: Transformer, loss: GRPOLoss, *, mesh: Mesh | None = None,
+                    rules: Rules | None = None) -> Callable[[nnx.State, Rollout], jax.Array]:
     """Jitted `fn(model_state, rollout) -> logp [B, N]`: a frozen model's scores of the completions
     (the reference policy of the KL term)."""
     graphdef, state = nnx.split(model)
@@ -161,4 +162,4 @@ def make_logprob_fn(model: Transformer, loss: GRPOLoss, *, mesh: Mesh | None = N
                                    top_p=loss.top_p, top_k=loss.top_k,
                                    group_size=_shared_prompt_group(loss, rollout["tokens"].shape[0]))[0]
 
-    return jit_over_mesh(logprobs, state, mesh, donate=False)
+    return jit_over_mesh(logprobs, state, mesh, donate=False, rules=rules)

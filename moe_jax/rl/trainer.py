@@ -26,7 +26,7 @@ from moe_jax.data.pipelines import problem_at, rl_prompt_batches
 from moe_jax.data.tasks import make_task
 from moe_jax.data.tokenizer import load_tokenizer
 from moe_jax.models.sampler import jit_generate
-from moe_jax.parallel import BATCH_AXES, make_mesh, use_mesh
+from moe_jax.parallel import BATCH_AXES, make_mesh, parse_rules, use_mesh
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.rl import grpo, rewards
 from moe_jax.rl.config import GRPOConfig
@@ -101,9 +101,10 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
         load_init_from(model, init_from)
     loss = grpo_loss_of(cfg)
     # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
-    reference = (make_logprob_fn(model, loss, mesh=mesh), jax.tree.map(jnp.copy, nnx.state(model))) \
+    rules = parse_rules(cfg.sharding_rules)
+    reference = (make_logprob_fn(model, loss, mesh=mesh, rules=rules), jax.tree.map(jnp.copy, nnx.state(model))) \
         if cfg.beta > 0 else None
-    grpo_step, state = make_grpo_step(model, optimizer, loss, mesh=mesh)
+    grpo_step, state = make_grpo_step(model, optimizer, loss, mesh=mesh, rules=rules)
     model_graphdef = nnx.graphdef(model)
     evaluator = Evaluator(cfg, task, tokenizer, None, mesh)
     del model, optimizer
@@ -166,7 +167,7 @@ def _sample_and_score(cfg: GRPOConfig, key: jax.Array, task, tokenizer, mesh, pr
     problems = [problem_at(task, cfg.seed, int(i)) for i in batch["problem_index"]]
     prompt_BxP = np.repeat(batch["prompt_tokens"], cfg.group_size, axis=0)  # rows g·G .. (g+1)·G-1
     segments_BxP = np.repeat(batch["prompt_segment_ids"], cfg.group_size, axis=0)
-    with use_mesh(mesh):
+    with use_mesh(mesh, parse_rules(cfg.sharding_rules)):
         out = jit_generate(policy, global_batch_array(prompt_BxP, mesh), global_batch_array(segments_BxP, mesh),
                            max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                            rng=key, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

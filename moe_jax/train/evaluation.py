@@ -22,7 +22,7 @@ from moe_jax.data.template import parse_completion
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models.sampler import jit_generate
 from moe_jax.parallel.distributed import global_batch_array
-from moe_jax.parallel.rules import use_mesh
+from moe_jax.parallel.rules import parse_rules, use_mesh
 from moe_jax.train.experiment_config import ExperimentConfig
 
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out stream of seed s is the stream of s + this
@@ -80,7 +80,7 @@ class Evaluator:
 
     def completions(self, model: nnx.Module) -> list[str]:
         """Greedy completions of the held-out prompts."""
-        with use_mesh(self.mesh):
+        with use_mesh(self.mesh, parse_rules(self.cfg.sharding_rules)):
             out = jit_generate(model, *self.prompts, max_new_tokens=self.cfg.eval_max_new_tokens,
                                eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
         tokens_BxN = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))

@@ -14,11 +14,15 @@ from typing import Any
 from moe_jax.configs import ModelConfig
 from moe_jax.data.tasks import TASKS
 from moe_jax.data.template import TEMPLATES
+from moe_jax.parallel.rules import parse_rules
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 # Fields that only change how often things happen, not the numbers a run computes: a resumed run
 # may change them without being a different experiment.
 CADENCE_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every")
+# Fields that only say where the numbers live on the devices (like `--mesh`): a resumed run may
+# change them too.
+LAYOUT_FIELDS = ("sharding_rules",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,8 @@ class ExperimentConfig:
     clip_norm: float = 1.0
     microbatches: int = 1  # gradient accumulation: the batch is split into this many scans
     compute_dtype: str = "auto"  # activations; "auto" = bfloat16 on GPU/TPU, float32 on CPU
+    # --- layout over the devices of --mesh ---
+    sharding_rules: str = ""  # overrides of the logical-axis rules, e.g. "embed=None,mlp=fsdp+tensor"
     # --- the loop ---
     eval_batches: int = 4  # held-out batches for the eval loss (0: accuracy only)
     eval_problems: int = 64  # held-out problems for greedy task accuracy
@@ -143,6 +149,11 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.compute_dtype not in COMPUTE_DTYPES:
         _fail("compute_dtype", f"unknown {cfg.compute_dtype!r}", f"use one of {COMPUTE_DTYPES}")
     try:
+        parse_rules(cfg.sharding_rules)
+    except ValueError as e:
+        _fail("sharding_rules", str(e).split(". Fix:")[0], "write logical=axes pairs, e.g. 'embed=None,"
+              "mlp=fsdp+tensor' (axes: None, or data/fsdp/expert/tensor joined by '+')")
+    try:
         TASKS[cfg.task](**parse_task_options(cfg.task_options))
     except (TypeError, ValueError) as e:
         _fail("task_options", f"{cfg.task_options!r} is not valid for task {cfg.task!r} ({e})",
@@ -151,10 +162,10 @@ def validate(cfg: ExperimentConfig) -> None:
 
 def config_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Human-readable `field: saved -> new` lines for every field that differs (recursively),
-    skipping the cadence fields a resumed run may change."""
+    skipping the cadence and layout fields a resumed run may change."""
     lines = []
     for key in sorted(set(saved) | set(new)):
-        if not prefix and key in CADENCE_FIELDS:
+        if not prefix and key in CADENCE_FIELDS + LAYOUT_FIELDS:
             continue
         old_value, new_value = saved.get(key), new.get(key)
         if isinstance(old_value, dict) and isinstance(new_value, dict):

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from moe_jax.configs import ModelConfig
 from moe_jax.models import Transformer
 from moe_jax.parallel.mesh import BATCH_AXES
-from moe_jax.parallel.rules import state_shardings, use_mesh
+from moe_jax.parallel.rules import Rules, state_shardings, use_mesh
 from moe_jax.train.losses import count_targets, mtp_loss, next_token_loss
 
 Batch = dict[str, jax.Array]
@@ -50,27 +50,28 @@ def loss_fn(model: Transformer, batch: Batch, normalizers: jax.Array, n_microbat
     return loss, (metrics, loads)
 
 
-def jit_over_mesh(fn: Callable, state: nnx.State, mesh: Mesh | None, *, donate: bool) -> Callable:
+def jit_over_mesh(fn: Callable, state: nnx.State, mesh: Mesh | None, *, donate: bool,
+                  rules: Rules | None = None) -> Callable:
     """`jax.jit(fn)` for `fn(state, batch) -> (state or metrics, ...)`: with a mesh, the state keeps
-    its rule-given shardings in and out, the batch is split over the batch axes, and tracing sees
-    the mesh (so `constrain` in the model applies)."""
+    its rule-given shardings in and out (`rules`, default `DEFAULT_RULES`), the batch is split over
+    the batch axes, and tracing sees the mesh and rules (so `constrain` in the model applies)."""
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(fn, donate_argnums=donate_argnums)
-    state_sharding = state_shardings(state, mesh)
+    state_sharding = state_shardings(state, mesh, rules)
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     jitted = jax.jit(fn, in_shardings=(state_sharding, batch_sharding), donate_argnums=donate_argnums,
                      out_shardings=(state_sharding, None) if donate else None)
 
     def call(state, batch):
-        with use_mesh(mesh):
+        with use_mesh(mesh, rules):
             return jitted(state, batch)
 
     return call
 
 
 def make_train_step(model: Transformer, optimizer: nnx.Optimizer, *, microbatches: int = 1,
-                    mesh: Mesh | None = None
+                    mesh: Mesh | None = None, rules: Rules | None = None
                     ) -> tuple[Callable[[nnx.State, Batch], tuple[nnx.State, dict]], nnx.State]:
     """(jitted `step(state, batch) -> (state, metrics)`, initial state). The state is donated; with
     a `mesh` it keeps its sharding from step to step. The batch's leading dimension must divide
@@ -106,10 +107,10 @@ def make_train_step(model: Transformer, optimizer: nnx.Optimizer, *, microbatche
         metrics["grad_norm"] = optax.tree.norm(grads)
         return nnx.state((model, optimizer)), metrics
 
-    return jit_over_mesh(step, state, mesh, donate=True), state
+    return jit_over_mesh(step, state, mesh, donate=True, rules=rules), state
 
 
-def make_eval_step(model: Transformer, *, mesh: Mesh | None = None
+def make_eval_step(model: Transformer, *, mesh: Mesh | None = None, rules: Rules | None = None
                    ) -> Callable[[nnx.State, Batch], dict]:
     """Jitted `eval_step(model_state, batch) -> metrics`: the training loss terms without a
     gradient (`model_state` is `nnx.state(model)`, or `state[0]` of the train step's state)."""
@@ -122,4 +123,4 @@ def make_eval_step(model: Transformer, *, mesh: Mesh | None = None
         _, (metrics, _) = loss_fn(model, batch, normalizers, 1, model.cfg)
         return metrics
 
-    return jit_over_mesh(eval_step, state, mesh, donate=False)
+    return jit_over_mesh(eval_step, state, mesh, donate=False, rules=rules)

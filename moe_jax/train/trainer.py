@@ -32,7 +32,7 @@ from moe_jax.data.pipelines import packed_batches, task_examples
 from moe_jax.data.tasks import make_task
 from moe_jax.data.tokenizer import load_tokenizer
 from moe_jax.models import Transformer
-from moe_jax.parallel import init_sharded, make_mesh
+from moe_jax.parallel import init_sharded, make_mesh, parse_rules
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, checkpoint_location
 from moe_jax.train.evaluation import Evaluator
@@ -94,7 +94,7 @@ def resolve_compute_dtype(name: str) -> str:
 
 def init_model_and_optimizer(cfg: ExperimentConfig, mesh: Mesh) -> tuple[Transformer, nnx.Optimizer]:
     """The model (compute dtype resolved for this platform) and its AdamW optimizer, created
-    directly in their shardings over `mesh`."""
+    directly in their shardings over `mesh` (under `cfg.sharding_rules`)."""
     model_cfg = dataclasses.replace(cfg.model, compute_dtype=resolve_compute_dtype(cfg.compute_dtype))
     optimizer_tx = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                                   weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
@@ -103,7 +103,7 @@ def init_model_and_optimizer(cfg: ExperimentConfig, mesh: Mesh) -> tuple[Transfo
         model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
         return model, nnx.Optimizer(model, optimizer_tx, wrt=nnx.Param)
 
-    return init_sharded(make_model_and_optimizer, mesh)
+    return init_sharded(make_model_and_optimizer, mesh, parse_rules(cfg.sharding_rules))
 
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
@@ -175,9 +175,10 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
                                 keep=cfg.keep_checkpoints)
     if init_from and checkpointer.latest_step() is None:
         load_init_from(model, init_from)
-    train_step, state = make_train_step(model, optimizer, microbatches=cfg.microbatches, mesh=mesh)
+    rules = parse_rules(cfg.sharding_rules)
+    train_step, state = make_train_step(model, optimizer, microbatches=cfg.microbatches, mesh=mesh, rules=rules)
     model_graphdef = nnx.graphdef(model)
-    evaluator = Evaluator(cfg, task, tokenizer, make_eval_step(model, mesh=mesh), mesh)
+    evaluator = Evaluator(cfg, task, tokenizer, make_eval_step(model, mesh=mesh, rules=rules), mesh)
     del model, optimizer  # the state pytree is the truth from here on (it is donated each step)
 
     local_rows = process_batch_slice(cfg.batch_size)
