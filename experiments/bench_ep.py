@@ -47,7 +47,8 @@ FLAGS = flags.FLAGS
 
 
 def _inputs(cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    return jax.random.normal(jax.random.key(0), (1, FLAGS.tokens, cfg.d_model)), jnp.ones((1, FLAGS.tokens), bool)
+    x = jax.random.normal(jax.random.key(0), (1, FLAGS.tokens, cfg.d_model))
+    return x, jnp.ones((1, FLAGS.tokens), bool)
 
 
 def _routing(cfg: ModelConfig) -> np.ndarray:

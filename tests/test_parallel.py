@@ -49,7 +49,8 @@ def test_rules_from_a_config_string():
     assert rules == {**make_rules(), "embed": None, "experts": ("expert", "fsdp")}
     assert parse_rules("") == make_rules()
     for bad, message in [("embed", "bad rule 'embed'"), ("embed=pipeline", "bad rule"),
-                         ("pipeline=data", "unknown logical axes"), ("batch=data", "'batch' is not configurable")]:
+                         ("pipeline=data", "unknown logical axes"),
+                         ("batch=data", "'batch' is not configurable")]:
         with pytest.raises(ValueError, match=message):
             parse_rules(bad)
 
@@ -64,8 +65,8 @@ def test_config_rules_shard_the_training_state(single_device):
     model, optimizer = init_model_and_optimizer(cfg, mesh)
     assert model.blocks[1].ffn.w_gate[...].sharding.spec == jax.P("expert", None, "tensor")
     step, state = make_train_step(model, optimizer, mesh=mesh, rules=parse_rules(cfg.sharding_rules))
-    batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens), "positions": jnp.tile(jnp.arange(16), (8, 1)),
-             "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
+    batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
+             "positions": jnp.tile(jnp.arange(16), (8, 1)), "loss_mask": jnp.ones(tokens.shape, jnp.float32)}
     state, metrics = step(state, batch)
     w_gate = nnx.merge(nnx.graphdef((model, optimizer)), state)[0].blocks[1].ffn.w_gate[...]
     assert w_gate.sharding.spec == jax.P("expert", None, "tensor")

@@ -132,8 +132,8 @@ def test_nan_loss_stops_and_never_checkpoints_nan(tmp_path):
 def test_conflicting_config_is_refused_but_cadence_and_layout_may_change(tmp_path):
     workdir = str(tmp_path)
     (tmp_path / "config.json").write_text(CFG.to_json())
-    check_workdir_config(dataclasses.replace(CFG, eval_every=2, checkpoint_every=5, sharding_rules="embed=None"),
-                         workdir)
+    layout_and_cadence = {"eval_every": 2, "checkpoint_every": 5, "sharding_rules": "embed=None"}
+    check_workdir_config(dataclasses.replace(CFG, **layout_and_cadence), workdir)
     saved_before_the_field = {k: v for k, v in CFG.to_dict().items() if k != "sharding_rules"}
     (tmp_path / "config.json").write_text(json.dumps(saved_before_the_field))
     check_workdir_config(CFG, workdir)

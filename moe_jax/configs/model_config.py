@@ -79,7 +79,8 @@ class ModelConfig:
     capacity_factor: float = 1.25  # only for moe_dispatch="capacity"
     # Expert parallelism (a mesh with expert > 1): how token copies travel to their experts.
     ep_exchange: str = "all_to_all"  # or "ragged_all_to_all" (GPU/TPU)
-    ep_capacity_factor: float = 0.0  # EP buffer / fair share (send slots per shard, or ragged receive rows); 0 = dropless
+    # EP buffer / fair share (all_to_all: send slots per shard; ragged: receive rows); 0 = dropless
+    ep_capacity_factor: float = 0.0
     # Balancing; each term is off at 0 and they combine freely.
     router_bias_rate: float = 0.0  # γ of the auxiliary-loss-free bias update; 0 = no bias
     aux_loss_coef: float = 0.0  # Switch/GShard load-balancing loss

@@ -54,7 +54,8 @@ DOWN_WEIGHT_AXES = ("experts", "expert_mlp", "embed")
 
 def resolve_exchange(exchange: str, platform: str | None = None) -> str:
     """`ragged_all_to_all` is not implemented on CPU in current JAX: fall back, with a warning."""
-    if exchange == "ragged_all_to_all" and (platform or jax.default_backend()) in RAGGED_UNSUPPORTED_PLATFORMS:
+    platform = platform or jax.default_backend()
+    if exchange == "ragged_all_to_all" and platform in RAGGED_UNSUPPORTED_PLATFORMS:
         warnings.warn("ragged_all_to_all is unsupported on CPU; using the capacity-padded "
                       "all_to_all exchange instead", stacklevel=2)
         return "all_to_all"

@@ -2,12 +2,12 @@
 
 from moe_jax.parallel.mesh import BATCH_AXES, MESH_AXES, make_mesh, parse_mesh_spec
 from moe_jax.parallel.rules import (
-           DEFAULT_RULES,
-           constrain,
-           make_rules,
-           parse_rules,
-           state_shardings,
-           use_mesh,
+    DEFAULT_RULES,
+    constrain,
+    make_rules,
+    parse_rules,
+    state_shardings,
+    use_mesh,
 )
 from moe_jax.parallel.sharded_init import init_sharded
 

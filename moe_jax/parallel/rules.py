@@ -72,7 +72,8 @@ def parse_rules(text: str) -> dict[str, MeshAxes]:
                              f"mesh axes from {MESH_AXES} joined by '+', e.g. 'embed=None,experts=expert'")
         if name == "batch":
             raise ValueError("the rule 'batch' is not configurable: a batch is split over every mesh "
-                             f"axis that holds different tokens, {BATCH_AXES}. Fix: size those axes in --mesh")
+                             f"axis that holds different tokens, {BATCH_AXES}. Fix: size those axes in "
+                             "--mesh")
         overrides[name] = None if value == "None" else axes[0] if len(axes) == 1 else axes
     return make_rules(overrides)
 

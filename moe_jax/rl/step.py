@@ -52,8 +52,8 @@ class GRPOLoss:
 
 
 def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss, *,
-                   mesh: Mesh | None = None, rules: Rules | None = None) -> tuple[Callable[[nnx.State, Rollout], tuple[nnx.State, dict]],
-                                                      nnx.State]:
+                   mesh: Mesh | None = None, rules: Rules | None = None
+                   ) -> tuple[Callable[[nnx.State, Rollout], tuple[nnx.State, dict]], nnx.State]:
     """(jitted `step(state, rollout) -> (state, metrics)`, initial state); metrics are means over
     the μ × minibatches updates."""
     cfg = model.cfg

@@ -102,8 +102,8 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
     loss = grpo_loss_of(cfg)
     # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
     rules = parse_rules(cfg.sharding_rules)
-    reference = (make_logprob_fn(model, loss, mesh=mesh, rules=rules), jax.tree.map(jnp.copy, nnx.state(model))) \
-        if cfg.beta > 0 else None
+    reference = (make_logprob_fn(model, loss, mesh=mesh, rules=rules),
+                 jax.tree.map(jnp.copy, nnx.state(model))) if cfg.beta > 0 else None
     grpo_step, state = make_grpo_step(model, optimizer, loss, mesh=mesh, rules=rules)
     model_graphdef = nnx.graphdef(model)
     evaluator = Evaluator(cfg, task, tokenizer, None, mesh)

@@ -176,7 +176,8 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
     if init_from and checkpointer.latest_step() is None:
         load_init_from(model, init_from)
     rules = parse_rules(cfg.sharding_rules)
-    train_step, state = make_train_step(model, optimizer, microbatches=cfg.microbatches, mesh=mesh, rules=rules)
+    train_step, state = make_train_step(model, optimizer, microbatches=cfg.microbatches, mesh=mesh,
+                                        rules=rules)
     model_graphdef = nnx.graphdef(model)
     evaluator = Evaluator(cfg, task, tokenizer, make_eval_step(model, mesh=mesh, rules=rules), mesh)
     del model, optimizer  # the state pytree is the truth from here on (it is donated each step)
