@@ -5,8 +5,8 @@ EP size and buffer capacity factor it prints one JSON line: the per-device send/
 the dispatch and return exchanges (the part a device keeps for itself excluded), the dropped
 fraction and the median forward+backward time of one MoE layer. The padded `all_to_all` moves
 whole buffers, so its bytes follow from the shapes; the `ragged_all_to_all` moves each copy
-once, so its bytes follow from the routing (the busiest device is reported). XLA:CPU has no
-ragged-all-to-all: on CPU its bytes are reported and its time is not.
+once, so its bytes follow from the routing (the largest send and receive over the devices are
+reported). XLA:CPU has no ragged-all-to-all: on CPU its bytes are reported and its time is not.
 
     python experiments/bench_ep.py
     python experiments/bench_ep.py --ep_sizes=1,2,4,8 --capacity_factors=0,1.25 --tokens=4096

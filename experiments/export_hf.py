@@ -19,7 +19,7 @@ from flax import nnx
 from moe_jax.configs import ModelConfig
 from moe_jax.interop import FAMILIES, save_hf
 from moe_jax.models import Transformer
-from moe_jax.parallel import init_sharded, make_mesh
+from moe_jax.parallel import init_sharded, make_mesh, parse_rules
 from moe_jax.train.trainer import load_init_from
 
 flags.DEFINE_string("run", None, "the run's workdir (holds config.json and checkpoints/)", required=True)
@@ -35,8 +35,10 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     del argv
     with open(os.path.join(FLAGS.run, "config.json")) as f:
-        cfg = ModelConfig(**json.load(f)["model"])
-    model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), make_mesh(FLAGS.mesh))
+        saved = json.load(f)
+    cfg = ModelConfig(**saved["model"])
+    rules = parse_rules(saved.get("sharding_rules", ""))  # the run's layout, if it changed one
+    model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), make_mesh(FLAGS.mesh), rules)
     checkpoint = FLAGS.run if FLAGS.step is None else os.path.join(FLAGS.run, "checkpoints", str(FLAGS.step))
     load_init_from(model, checkpoint)
     files = save_hf(model, cfg, FLAGS.out, family=FLAGS.family, dtype=FLAGS.dtype,

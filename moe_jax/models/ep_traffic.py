@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_jax.models.expert_parallel import ep_capacity, ragged_receive_rows
+from moe_jax.models.expert_parallel import ep_capacity
 
 
 def padded_exchange_bytes(tokens: int, ep: int, top_k: int, d_model: int, capacity_factor: float,
@@ -29,22 +29,21 @@ def padded_exchange_bytes(tokens: int, ep: int, top_k: int, d_model: int, capaci
 def ragged_exchange_bytes(expert_idx_NxK: np.ndarray, ep: int, n_experts: int, d_model: int,
                           capacity_factor: float, itemsize: int = 4) -> dict[str, float]:
     """Per-device bytes of the ragged dispatch (x + an int32 expert id per copy) and return (y),
-    from the routing: device d sends each of its copies whose expert lives on another shard once.
-    Copies past a receiver's buffer (`ragged_receive_rows`) are dropped, and are not sent."""
+    from the routing on a mesh `expert=ep` (device s holds tokens [s·N_l, (s+1)·N_l)): device s
+    sends each of its copies whose expert lives on another shard once, at most C per shard
+    (`ep_capacity`; the rest are dropped and not sent). The largest send and the largest receive
+    over the devices are reported (they may be different devices)."""
     n_tokens, top_k = expert_idx_NxK.shape
-    n_local = n_tokens // ep  # device s holds tokens [s·N_l, (s+1)·N_l)
+    n_local = n_tokens // ep
+    capacity = ep_capacity(n_local, top_k, ep, capacity_factor)
     shard_SxNxK = expert_idx_NxK.reshape(ep, n_local, top_k) // (n_experts // ep)
     sent_SxR = np.stack([np.bincount(shard_SxNxK[s].ravel(), minlength=ep) for s in range(ep)])
-    received_R = sent_SxR.sum(0)
-    kept_R = np.minimum(received_R, ragged_receive_rows(n_local, top_k, ep, capacity_factor))
-    # Chunks arrive in source order, so a receiver keeps its first sources' chunks whole.
-    kept_SxR = np.clip(kept_R[None] - (np.cumsum(sent_SxR, 0) - sent_SxR), 0, sent_SxR)
+    kept_SxR = np.minimum(sent_SxR, capacity)
     copies_out = kept_SxR.sum(1) - np.diag(kept_SxR)  # device d's copies processed elsewhere
     copies_in = kept_SxR.sum(0) - np.diag(kept_SxR)  # other devices' copies processed on d
     x_bytes = d_model * itemsize
     # A copy travels out as x and an expert id, and back as y.
     send = copies_out * (x_bytes + 4) + copies_in * x_bytes
     recv = copies_in * (x_bytes + 4) + copies_out * x_bytes
-    return {"send_bytes": int(send.max()), "recv_bytes": int(recv.max()),
-            "receive_rows": ragged_receive_rows(n_local, top_k, ep, capacity_factor),
-            "dropped_fraction": float(1 - kept_R.sum() / expert_idx_NxK.size)}
+    return {"send_bytes": int(send.max()), "recv_bytes": int(recv.max()), "receive_rows": ep * capacity,
+            "dropped_fraction": float(1 - kept_SxR.sum() / expert_idx_NxK.size)}

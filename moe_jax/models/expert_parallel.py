@@ -13,10 +13,11 @@ Two exchanges (`ModelConfig.ep_exchange`):
   factor` (copies past C are dropped); per device it moves `2 · n_ep · C · D` values each way.
   Runs everywhere, CPU included.
 * ``ragged_all_to_all``: each destination gets exactly its copies, no padding on the wire (a
-  device sends `N_l · K · (n_ep − 1) / n_ep · D` values each way under balanced routing). The
-  receive buffer has a static size: the worst case `n_ep · N_l · K` rows (dropless), or `c · N_l
-  · K` with `ep_capacity_factor = c`, copies that do not fit being dropped. XLA:CPU has no
-  ragged-all-to-all, so on CPU it falls back to ``all_to_all`` with a warning.
+  device sends `N_l · K · (n_ep − 1) / n_ep · D` values each way under balanced routing). A
+  source may fill C rows of each receiver, the same C, so a bounded exchange drops exactly the
+  copies the padded one drops; the receive buffer is `n_ep · C` rows (dropless: `n_ep · N_l · K`,
+  the worst case). XLA:CPU has no ragged-all-to-all, so on CPU it falls back to ``all_to_all``
+  with a warning.
 Either way the bytes scale with tokens · top_k · d_model, not with the number of experts.
 
 Routing, balance losses and router statistics stay outside, on the global arrays, so they are
@@ -71,16 +72,6 @@ def ep_capacity(n_local_tokens: int, top_k: int, n_ep: int, capacity_factor: flo
     return max(1, min(worst_case, math.ceil(capacity_factor * worst_case / n_ep)))
 
 
-def ragged_receive_rows(n_local_tokens: int, top_k: int, n_ep: int, capacity_factor: float) -> int:
-    """Rows of a device's receive buffer in the ragged exchange. `capacity_factor <= 0` means
-    dropless: room for every copy of the `n_ep` devices to come to one (`n_ep · N_l · K`);
-    otherwise `c` times a device's fair share `N_l · K`."""
-    worst_case = n_ep * n_local_tokens * top_k
-    if capacity_factor <= 0:
-        return worst_case
-    return max(1, min(worst_case, math.ceil(capacity_factor * n_local_tokens * top_k)))
-
-
 def _gather_over(weight: jax.Array, spec: PartitionSpec) -> jax.Array:
     """All-gather the non-expert dims of a local expert weight (FSDP/tensor shards)."""
     for dim, axes in enumerate(spec):
@@ -89,8 +80,18 @@ def _gather_over(weight: jax.Array, spec: PartitionSpec) -> jax.Array:
     return weight
 
 
+_all_to_all = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0,
+                                tiled=True)
+
+
 def _exclusive_cumsum(sizes: jax.Array) -> jax.Array:
     return jnp.cumsum(sizes) - sizes
+
+
+def _local_expert_ids(idx_NxK: jax.Array, row_copy_R: jax.Array, n_local_experts: int) -> jax.Array:
+    """Each send row's expert, numbered within its shard. Empty rows (copy id N*K) read the fill
+    value, expert 0; they are masked out on arrival."""
+    return idx_NxK.T.reshape(-1).at[row_copy_R].get(mode="fill", fill_value=0) % n_local_experts
 
 
 def _local_experts(recv_x_RxD: jax.Array, recv_expert_R: jax.Array, valid_R: jax.Array,
@@ -113,63 +114,63 @@ def _padded_exchange(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down, 
     row_base = jnp.arange(n_ep, dtype=jnp.int32) * capacity
     row_copy_R = place_rows(copies, row_base, n_ep * capacity, capacity)
     row_token_R, row_weight_R = row_tokens_and_weights(row_copy_R, weights_NxK)
-    n_copies = idx_NxK.size
-    # Empty rows (copy id N*K) read the fill value: expert 0, masked out on arrival.
-    local_expert_R = idx_NxK.T.reshape(-1).at[row_copy_R].get(mode="fill", fill_value=0) % n_local_experts
+    local_expert_R = _local_expert_ids(idx_NxK, row_copy_R, n_local_experts)
     send_x = gather_rows(x_NxD, row_token_R).reshape(n_ep, capacity, -1)
-    send_meta = jnp.stack([local_expert_R, (row_copy_R < n_copies).astype(jnp.int32)], -1)
+    send_meta = jnp.stack([local_expert_R, (row_copy_R < idx_NxK.size).astype(jnp.int32)], -1)
     # 2. Exchange: row block j goes to the device holding expert shard j.
-    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
-    recv_meta = jax.lax.all_to_all(send_meta.reshape(n_ep, capacity, 2), "expert", 0, 0, tiled=True)
-    recv_x, recv_meta = recv_x.reshape(n_ep * capacity, -1), recv_meta.reshape(n_ep * capacity, 2)
+    recv_x = _all_to_all(send_x).reshape(n_ep * capacity, -1)
+    recv_meta = _all_to_all(send_meta.reshape(n_ep, capacity, 2)).reshape(n_ep * capacity, 2)
     # 3. Local experts.
     out_RxD = _local_experts(recv_x, recv_meta[:, 0], recv_meta[:, 1] == 1, w_gate, w_up, w_down,
                              local_backend)
     # 4. Send the outputs home and combine them with the gate weights.
-    back = jax.lax.all_to_all(out_RxD.reshape(n_ep, capacity, -1), "expert", 0, 0, tiled=True)
+    back = _all_to_all(out_RxD.reshape(n_ep, capacity, -1))
     y_NxD = combine_rows(back.reshape(n_ep * capacity, -1), row_token_R, row_weight_R, x_NxD.shape[0])
     valid = jnp.sum(copies.sizes_E)
     return y_NxD, jnp.stack([valid - jnp.sum(jnp.minimum(copies.sizes_E, capacity)), valid])
 
 
 def _ragged_exchange(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down, *, n_ep: int,
-                     recv_rows: int, local_backend: str) -> tuple[jax.Array, jax.Array]:
+                     capacity: int, local_backend: str) -> tuple[jax.Array, jax.Array]:
     """One device's part with `ragged_all_to_all`: each destination gets exactly its copies.
 
-    Per-peer arrays, indexed by the peer's position on `expert`: `send_sizes[j]` copies start at
-    `input_offsets[j]` of the send rows; the copies from source s land at `recv_offsets[s]` of
-    the receive rows (chunks in source order), of which `recv_kept[s]` fit the buffer. Returns the
-    device's output and its (dropped, valid) copy counts."""
+    A source may fill `capacity` rows of each receiver — the padded exchange's C — so a chunk
+    sends its first C copies in GShard priority, and a bounded exchange drops exactly the copies
+    the padded one drops (dropless: C = N_l·K). Per-peer arrays are indexed by the peer's
+    position on `expert`: chunk j of the send rows starts at `input_offsets[j]` and sends
+    `send_kept[j]` copies; the chunks a device receives are packed in source order at
+    `recv_offsets`. A chunk that sends nothing gets offset 0, so no offset points past a buffer.
+    Returns the device's output and its (dropped, valid) copy counts."""
     n_local_experts, n_copies = w_gate.shape[0], idx_NxK.size
-    a2a = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0,
-                            tiled=True)
     # 1. Copies sorted by destination shard: one contiguous chunk per shard, valid copies first.
     copies = sort_copies(idx_NxK // n_local_experts, mask_N, n_ep)
-    send_sizes = copies.sizes_E
-    input_offsets = _exclusive_cumsum(send_sizes)
-    row_copy_R = place_rows(copies, input_offsets, n_copies)
+    row_base = _exclusive_cumsum(copies.sizes_E)
+    row_copy_R = place_rows(copies, row_base, n_copies)
     row_token_R, row_weight_R = row_tokens_and_weights(row_copy_R, weights_NxK)
-    local_expert_R = idx_NxK.T.reshape(-1).at[row_copy_R].get(mode="fill", fill_value=0) % n_local_experts
-    # 2. Sizes and offsets, then the copies and their local expert ids.
-    recv_sizes = a2a(send_sizes)
-    recv_offsets = _exclusive_cumsum(recv_sizes)
-    recv_kept = jnp.clip(recv_rows - recv_offsets, 0, recv_sizes)  # what fits the receive buffer
-    output_offsets, send_kept, home_offsets = a2a(recv_offsets), a2a(recv_kept), a2a(input_offsets)
+    send_kept = jnp.minimum(copies.sizes_E, capacity)
+    input_offsets = jnp.where(send_kept > 0, row_base, 0)
+    # 2. Each receiver learns how many copies come from each source and where they left from; it
+    #    packs them and tells each source where its chunk lands.
+    recv_kept, home_offsets = _all_to_all(jnp.stack([send_kept, input_offsets], -1)).T
+    recv_offsets = jnp.where(recv_kept > 0, _exclusive_cumsum(recv_kept), 0)
+    output_offsets = _all_to_all(recv_offsets)
 
     def send(rows, n_out_rows, offsets, sizes, peer_offsets, peer_sizes):
         out = jnp.zeros((n_out_rows,) + rows.shape[1:], rows.dtype)
         return ragged_all_to_all(rows, out, offsets, sizes, peer_offsets, peer_sizes, axis_name="expert")
 
+    recv_rows = n_ep * capacity
     there = (input_offsets, send_kept, output_offsets, recv_kept)
     recv_x = send(gather_rows(x_NxD, row_token_R), recv_rows, *there)
-    recv_expert_R = send(local_expert_R[:, None], recv_rows, *there)[:, 0]
+    recv_expert_R = send(_local_expert_ids(idx_NxK, row_copy_R, n_local_experts)[:, None], recv_rows,
+                         *there)[:, 0]
     valid_R = jnp.arange(recv_rows) < jnp.sum(recv_kept)
     # 3. Local experts.
     out_RxD = _local_experts(recv_x, recv_expert_R, valid_R, w_gate, w_up, w_down, local_backend)
-    # 4. Each chunk goes back to where its copies left; dropped copies come back as zeros.
+    # 4. Each chunk goes back to where its copies left; copies not sent come back as zeros.
     back = send(out_RxD, n_copies, recv_offsets, recv_kept, home_offsets, send_kept)
     y_NxD = combine_rows(back, row_token_R, row_weight_R, x_NxD.shape[0])
-    valid = jnp.sum(send_sizes)
+    valid = jnp.sum(copies.sizes_E)
     return y_NxD, jnp.stack([valid - jnp.sum(send_kept), valid])
 
 
@@ -180,8 +181,8 @@ def ep_dispatch_experts(x_NxD: jax.Array, expert_idx_NxK: jax.Array, weights_NxK
                         ) -> tuple[jax.Array, jax.Array]:
     """`dispatch_experts` with experts sharded over the mesh's `expert` axis.
 
-    `capacity_factor` bounds the send buffer (`all_to_all`) or the receive buffer
-    (`ragged_all_to_all`); 0 is dropless. Returns `(y_NxD, dropped_fraction)` (copies that did
+    `capacity_factor` sets the copies a device may send to each expert shard (C, in GShard
+    priority; 0 is dropless) for both exchanges. Returns `(y_NxD, dropped_fraction)` (copies that did
     not fit a buffer / valid copies, over the whole mesh)."""
     exchange = resolve_exchange(exchange)
     if exchange not in EXCHANGES:
@@ -205,12 +206,9 @@ def ep_dispatch_experts(x_NxD: jax.Array, expert_idx_NxK: jax.Array, weights_NxK
                          "experts override from sharding_rules, or use expert=1 in --mesh")
     tokens = PartitionSpec(BATCH_AXES)
     n_local, top_k = n_tokens // n_batch_shards, expert_idx_NxK.shape[1]
-    if exchange == "all_to_all":
-        device_part = functools.partial(_padded_exchange, n_ep=n_ep, local_backend=local_backend,
-                                        capacity=ep_capacity(n_local, top_k, n_ep, capacity_factor))
-    else:
-        device_part = functools.partial(_ragged_exchange, n_ep=n_ep, local_backend=local_backend,
-                                        recv_rows=ragged_receive_rows(n_local, top_k, n_ep, capacity_factor))
+    device_part = functools.partial(_padded_exchange if exchange == "all_to_all" else _ragged_exchange,
+                                    n_ep=n_ep, local_backend=local_backend,
+                                    capacity=ep_capacity(n_local, top_k, n_ep, capacity_factor))
 
     def local(x_NxD, idx_NxK, weights_NxK, mask_N, w_gate, w_up, w_down):
         w_gate, w_up = _gather_over(w_gate, gate_spec), _gather_over(w_up, gate_spec)

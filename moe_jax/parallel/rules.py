@@ -67,9 +67,11 @@ def parse_rules(text: str) -> dict[str, MeshAxes]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = (s.strip() for s in part.partition("="))
         axes = tuple(a.strip() for a in value.split("+"))
-        if not sep or not name or not value or (value != "None" and not set(axes) <= set(MESH_AXES)):
-            raise ValueError(f"bad rule {part!r}. Fix: write logical=axes pairs, axes being None or "
-                             f"mesh axes from {MESH_AXES} joined by '+', e.g. 'embed=None,experts=expert'")
+        bad_axes = value != "None" and (not set(axes) <= set(MESH_AXES) or len(set(axes)) < len(axes))
+        if not sep or not name or not value or bad_axes or name in overrides:
+            raise ValueError(f"bad rule {part!r}. Fix: write logical=axes pairs, each logical axis once, "
+                             f"axes being None or distinct mesh axes from {MESH_AXES} joined by '+', e.g. "
+                             "'embed=None,mlp=fsdp+tensor'")
         if name == "batch":
             raise ValueError("the rule 'batch' is not configurable: a batch is split over every mesh "
                              f"axis that holds different tokens, {BATCH_AXES}. Fix: size those axes in "

@@ -57,6 +57,7 @@ class Evaluator:
     def __init__(self, cfg: ExperimentConfig, task: Task, tokenizer: Tokenizer,
                  eval_step: Callable[[nnx.State, dict], dict] | None, mesh: Mesh):
         self.cfg, self.task, self.tokenizer, self.eval_step, self.mesh = cfg, task, tokenizer, eval_step, mesh
+        self.rules = parse_rules(cfg.sharding_rules)
         seed = heldout_seed(cfg.seed)
         examples = task_examples(task, tokenizer, seed=seed, error_rate=cfg.error_rate,
                                  template=cfg.template, loss_on_prompt=cfg.loss_on_prompt)
@@ -80,7 +81,7 @@ class Evaluator:
 
     def completions(self, model: nnx.Module) -> list[str]:
         """Greedy completions of the held-out prompts."""
-        with use_mesh(self.mesh, parse_rules(self.cfg.sharding_rules)):
+        with use_mesh(self.mesh, self.rules):
             out = jit_generate(model, *self.prompts, max_new_tokens=self.cfg.eval_max_new_tokens,
                                eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
         tokens_BxN = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))

@@ -151,8 +151,8 @@ def validate(cfg: ExperimentConfig) -> None:
     try:
         parse_rules(cfg.sharding_rules)
     except ValueError as e:
-        _fail("sharding_rules", str(e).split(". Fix:")[0], "write logical=axes pairs, e.g. 'embed=None,"
-              "mlp=fsdp+tensor' (axes: None, or data/fsdp/expert/tensor joined by '+')")
+        problem, _, fix = str(e).partition(". Fix: ")
+        _fail("sharding_rules", problem, fix or "use logical axes from moe_jax.parallel.DEFAULT_RULES")
     try:
         TASKS[cfg.task](**parse_task_options(cfg.task_options))
     except (TypeError, ValueError) as e:

@@ -54,7 +54,8 @@ class ConfigConflictError(ValueError):
 
 
 def check_workdir_config(cfg: ExperimentConfig, workdir: str) -> None:
-    """Refuse to mix runs: a saved `config.json` must agree with `cfg` (cadence fields aside)."""
+    """Refuse to mix runs: a saved `config.json` must agree with `cfg` (cadence and layout fields
+    aside)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return
