@@ -10,9 +10,12 @@ from moe_jax.data.pipelines import packed_batches, task_examples
 from moe_jax.data.tasks import make_task
 from moe_jax.data.tokenizer import CharTokenizer
 from moe_jax.models import Transformer
+from moe_jax.parallel import make_mesh
 from moe_jax.train.checkpoint import Checkpointer
+from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.optimizer import make_optimizer
 from moe_jax.train.step import make_train_step
+from moe_jax.train.trainer import init_model_and_optimizer
 
 CFG = dataclasses.replace(get_preset("tiny-moe"), moe_dispatch="dense")
 
@@ -62,3 +65,26 @@ def test_no_checkpoint_restores_nothing(tmp_path):
     _, state, _ = _run_parts()
     assert Checkpointer(str(tmp_path / "empty"), save_every=1).restore(state) is None
     assert jax.tree.leaves(state)  # the caller's state is untouched
+
+
+def test_restore_onto_another_mesh_and_rules(tmp_path):
+    """A run resumed with another `--mesh` or `sharding_rules` (layout fields) reads the same
+    values into the new layout: saved FSDP-sharded on `fsdp=4,expert=2`, restored with
+    `embed=None` on `data=2,expert=2,tensor=2`."""
+    saved_cfg = ExperimentConfig(model=CFG)
+    resumed_cfg = dataclasses.replace(saved_cfg, sharding_rules="embed=None")
+    saved_state = nnx.state(init_model_and_optimizer(saved_cfg, make_mesh("fsdp=4,expert=2")))
+    checkpointer = Checkpointer(str(tmp_path), save_every=1)
+    checkpointer.save(1, saved_state, {}, force=True)
+    checkpointer.close()
+    target = nnx.state(init_model_and_optimizer(resumed_cfg, make_mesh("data=2,expert=2,tensor=2")))
+    start, restored, _ = Checkpointer(str(tmp_path), save_every=1).restore(target)
+    assert start == 1
+    pairs = zip(nnx.to_flat_state(saved_state), nnx.to_flat_state(restored), nnx.to_flat_state(target),
+                strict=True)
+    for (path, saved), (_, got), (_, want) in pairs:
+        assert got.get_value().sharding == want.get_value().sharding, path
+        np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(saved.get_value()),
+                                      err_msg=str(path))
+    w_gate = restored[0]["blocks"][1]["ffn"]["w_gate"].get_value()
+    assert w_gate.sharding.spec == jax.P("expert", None, "tensor")
