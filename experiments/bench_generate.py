@@ -19,7 +19,7 @@ from absl import app, flags
 from flax import nnx
 
 from moe_jax import config_flags
-from moe_jax.configs import count_params
+from moe_jax.configs import count_params, decode_weight_params
 from moe_jax.models import Transformer, cache_bytes_per_token, init_cache
 from moe_jax.models.sampler import jit_generate
 
@@ -73,9 +73,8 @@ def main(argv: list[str]) -> None:
     no_cache_s = _best_time(no_cache)
     device = jax.devices()[0]
     counts = count_params(cfg)
-    # Activated weights per token: a lower bound on what a decode step reads (a batch touches
-    # more experts than one token does).
-    param_bytes = counts["activated"] * jnp.dtype(cfg.param_dtype).itemsize
+    # The weights a decode step of b sequences reads (the experts b tokens touch, b embedding rows).
+    param_bytes = decode_weight_params(cfg, b) * jnp.dtype(cfg.param_dtype).itemsize
     mean_context = p + n / 2
     bytes_per_step = param_bytes + b * mean_context * cache_bytes_per_token(cfg)
     achieved = bytes_per_step / (decode_s / n)

@@ -4,7 +4,14 @@ import jax
 import pytest
 from flax import nnx
 
-from moe_jax.configs import ModelConfig, count_params, flops_per_token, get_preset, list_presets
+from moe_jax.configs import (
+    ModelConfig,
+    count_params,
+    decode_weight_params,
+    flops_per_token,
+    get_preset,
+    list_presets,
+)
 from moe_jax.models import Transformer
 
 REAL_PRESETS = ["deepseek-v3", "deepseek-v2-lite", "moonlight-16b-a3b", "qwen3-30b-a3b",
@@ -121,3 +128,17 @@ def test_flops_count_only_active_experts():
     extra_experts = cfg.n_routed_experts - cfg.top_k
     diff = flops_per_token(dense_all, 16)["matmul"] - flops_per_token(cfg, 16)["matmul"]
     assert diff == 6 * cfg.n_moe_layers * extra_experts * routed_per_expert
+
+
+def test_decode_weight_params_hand_computed():
+    """tiny-moe: V 256, D 64, 2 MoE layers of E = 8 experts (3·64·32 = 6144 weights each), K = 2.
+    One sequence reads one embedding row and K experts per layer; two sequences touch
+    8·(1 − 0.75²) = 3.5 experts in expectation; a huge batch reads the whole table and all 8."""
+    cfg = get_preset("tiny-moe")
+    activated = count_params(cfg)["activated"]
+    table = 256 * 64
+    assert decode_weight_params(cfg, 1) == activated - table + 64
+    assert decode_weight_params(cfg, 2) == pytest.approx(activated - table + 2 * 64 + 2 * 1.5 * 6144)
+    assert decode_weight_params(cfg, 10**6) == pytest.approx(activated + 2 * 6 * 6144)
+    tied_dense = get_preset("qwen2.5-0.5b")  # the head reads the tied table whole
+    assert decode_weight_params(tied_dense, 4) == count_params(tied_dense)["activated"]

@@ -100,3 +100,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True,
     attention = factor * cfg.n_layers * attention_layer
     mtp = factor * (2 * counts["mtp_activated_matmul"] + cfg.mtp_depth * attention_layer)
     return {"matmul": matmul, "attention": attention, "total": matmul + attention, "mtp": mtp}
+
+
+def decode_weight_params(cfg: ModelConfig, batch: int) -> float:
+    """Weights one decoding step of `batch` sequences reads, in parameters: every weight a token
+    uses (`activated`), except that an untied embedding table gives only `batch` rows and each MoE
+    layer reads the routed experts the batch is expected to touch under uniform routing,
+    `E · (1 − (1 − K/E)^batch)` (one token: K; a large batch: all E)."""
+    counts = count_params(cfg)
+    weights = counts["activated"]
+    if not cfg.tie_embeddings:  # a tied table is read whole by the head anyway
+        weights += min(batch, cfg.vocab_size) * cfg.d_model - counts["embedding"]
+    n_moe = cfg.n_moe_layers
+    if n_moe:
+        experts, k = cfg.n_routed_experts, cfg.top_k
+        expert = _swiglu_params(cfg.d_model, cfg.moe_d_ff)
+        touched = experts * (1 - (1 - k / experts) ** batch)
+        weights += n_moe * (touched - k) * expert
+    return weights
