@@ -79,7 +79,7 @@ class ModelConfig:
     capacity_factor: float = 1.25  # only for moe_dispatch="capacity"
     # Expert parallelism (a mesh with expert > 1): how token copies travel to their experts.
     ep_exchange: str = "all_to_all"  # or "ragged_all_to_all" (GPU/TPU)
-    # EP buffer / fair share (all_to_all: send slots per shard; ragged: receive rows); 0 = dropless
+    # Copies a device may send to each expert shard / fair share (both exchanges); 0 = dropless
     ep_capacity_factor: float = 0.0
     # Balancing; each term is off at 0 and they combine freely.
     router_bias_rate: float = 0.0  # γ of the auxiliary-loss-free bias update; 0 = no bias

@@ -64,8 +64,10 @@ def resolve_exchange(exchange: str, platform: str | None = None) -> str:
 
 
 def ep_capacity(n_local_tokens: int, top_k: int, n_ep: int, capacity_factor: float) -> int:
-    """Send-buffer slots per destination shard. `capacity_factor <= 0` means dropless: room for
-    every local copy to go to one shard (`N_l · K`)."""
+    """C: the copies a device may send to each expert shard (the padded exchange's slots per
+    destination; the ragged exchange's most per chunk), `capacity_factor` times the fair share
+    `N_l · K / n_ep`. `capacity_factor <= 0` means dropless: room for every local copy to go to
+    one shard (`N_l · K`)."""
     worst_case = n_local_tokens * top_k
     if capacity_factor <= 0:
         return worst_case
