@@ -71,6 +71,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | No
 def group_leaders(x_Bx: jax.Array, group_size: int) -> jax.Array:
     """Row g·G of each group of G consecutive rows, `[B/G, ...]` (a reshape, so a batch-sharded
     row axis stays local)."""
+    if x_Bx.shape[0] % group_size:
+        raise ValueError(f"{x_Bx.shape[0]} rows do not split into groups of group_size={group_size}")
     return x_Bx.reshape(x_Bx.shape[0] // group_size, group_size, *x_Bx.shape[1:])[:, 0]
 
 

@@ -89,8 +89,6 @@ def generate(model: Transformer, prompt_tokens_BxP: jax.Array, prompt_segment_id
     batch, prompt_len = prompt_tokens_BxP.shape
     keys_N = jax.random.split(rng if rng is not None else jax.random.key(0), max_new_tokens)
 
-    if batch % group_size:
-        raise ValueError(f"{batch} rows do not split into groups of group_size={group_size}")
     cache = kv_cache.init_cache(model.cfg, batch // group_size, prompt_len + max_new_tokens)
     # Left padding puts every row's last prompt token in the last slot.
     logits_Px1xV, aux = model(kv_cache.group_leaders(prompt_tokens_BxP, group_size),

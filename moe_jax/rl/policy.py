@@ -76,8 +76,6 @@ def shared_prompt_forward(model: Transformer, tokens_BxS: jax.Array, segment_ids
     the layers run (S - N) + G·N tokens instead of G·S (GRPO bench: training 52 → 41 ms)."""
     b, s = tokens_BxS.shape
     prompt_len, g = s - n_completion, group_size
-    if b % g:
-        raise ValueError(f"{b} rows do not split into groups of group_size={g}")
     replay_prompt = replay_completion = None
     if routing_LxBxSxK is not None:
         replay_prompt = jax.vmap(lambda r: kv_cache.group_leaders(r, g))(routing_LxBxSxK[:, :, :prompt_len])
