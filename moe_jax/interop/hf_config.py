@@ -111,10 +111,6 @@ def _trunk(k: _Keys, *, eps_default: float | None = None) -> dict[str, Any]:
             "norm_eps": float(eps), "tie_embeddings": bool(k.get("tie_word_embeddings", False))}
 
 
-def _hf_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 def _rope(k: _Keys, max_position_embeddings: int, deepseek: bool) -> dict[str, Any]:
     """`rope_theta` + `rope_scaling` (Hub style) or `rope_parameters` (transformers 5)."""
     params = dict(k.get("rope_parameters", None) or {})

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -24,7 +23,7 @@ from moe_jax.models import Transformer
 from moe_jax.parallel.rules import Rules
 from moe_jax.rl.grpo import policy_loss
 from moe_jax.rl.policy import completion_logprobs
-from moe_jax.train.step import jit_over_mesh
+from moe_jax.train.step import ROUTER_LOAD, accumulated_update, jit_over_mesh
 
 Rollout = dict[str, jax.Array]
 
@@ -56,7 +55,6 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
                    ) -> tuple[Callable[[nnx.State, Rollout], tuple[nnx.State, dict]], nnx.State]:
     """(jitted `step(state, rollout) -> (state, metrics)`, initial state); metrics are means over
     the μ × minibatches updates."""
-    cfg = model.cfg
     graphdef, state = nnx.split((model, optimizer))
     updates = loss.num_iterations * loss.minibatches
 
@@ -65,13 +63,12 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
         # DAPO's token-level normaliser from the whole generation batch (all devices), as the
         # mean token count of one minibatch, so every update sees the same scale.
         dapo_normalizer = jnp.maximum(rollout["mask"].sum(), 1) / loss.minibatches
-        if loss.routing_replay and cfg.is_moe:
+        if loss.routing_replay and model.cfg.is_moe:
             rollout = {**rollout, "routing": _record_routing(nnx.merge(graphdef, state)[0], rollout, loss)}
         minibatches = jax.tree.map(lambda x: x.reshape(loss.minibatches, -1, *x.shape[1:]), rollout)
 
-        def chunk_loss(params, params_graph, rest, chunk, weight):
-            """This microbatch's share of its minibatch's loss (`weight`: see `_chunk_weight`)."""
-            policy = nnx.merge(params_graph, params, rest)
+        def chunk_loss(policy: Transformer, chunk: Rollout) -> tuple[jax.Array, dict]:
+            """This microbatch's share of its minibatch's loss (`chunk["weight"]`: `_chunk_weight`)."""
             logp, entropy, aux = completion_logprobs(
                 policy, chunk["tokens"], chunk["segment_ids"], n_completion,
                 temperature=loss.temperature, top_p=loss.top_p, top_k=loss.top_k,
@@ -84,34 +81,22 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
                 importance_sampling_level=loss.importance_sampling_level,
                 max_completion_length=loss.max_completion_length,
                 normalizer=dapo_normalizer if loss.loss_type == "dapo" else None, entropy_BxT=entropy)
+            weight = chunk["weight"]
             metrics = {**metrics, "policy_loss": weight * value, "moe_aux_loss": aux["moe_aux_loss"]}
             if "router" in aux:
                 metrics["maxvio"] = aux["router"]["max_vio"]
-            loads = aux["router"]["load"] if "router" in aux else jnp.zeros((0,))
-            return weight * value + aux["moe_aux_loss"] / loss.microbatches, (metrics, loads)
+                metrics[ROUTER_LOAD] = aux["router"]["load"]
+            return weight * value + aux["moe_aux_loss"] / loss.microbatches, metrics
 
         def update(state, index):
             model, optimizer = nnx.merge(graphdef, state)
             minibatch = jax.tree.map(lambda x: x[index % loss.minibatches], minibatches)
             chunks = jax.tree.map(lambda x: x.reshape(loss.microbatches, -1, *x.shape[1:]), minibatch)
-            weights = _chunk_weight(loss, chunks["mask"])
-            params_graph, params, rest = nnx.split(model, nnx.Param, ...)
-            grad_fn = jax.value_and_grad(
-                lambda params, chunk, weight: chunk_loss(params, params_graph, rest, chunk, weight), has_aux=True)
-
-            def accumulate(carry, chunk_and_weight):
-                (_, (metrics, loads)), grads = grad_fn(params, *chunk_and_weight)
-                return jax.tree.map(jnp.add, carry, (grads, loads)), metrics
-
-            no_loads = jnp.zeros((cfg.n_moe_layers, cfg.n_routed_experts) if cfg.is_moe else (0,))
-            zeros = (jax.tree.map(jnp.zeros_like, params), no_loads)
-            (grads, loads), metrics = jax.lax.scan(accumulate, zeros, (chunks, weights))
+            chunks["weight"] = _chunk_weight(loss, chunks["mask"])
+            metrics = accumulated_update(model, optimizer, chunk_loss, chunks)
             # Chunk means, except the loss: its chunks' shares add up to the minibatch's loss.
-            metrics = {k: v.sum(0) if k == "policy_loss" else v.mean(0) for k, v in metrics.items()}
-            optimizer.update(model, grads)
-            if cfg.is_moe and cfg.router_bias_rate > 0:
-                model.update_router_biases(loads)
-            metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics = {k: v if k == "grad_norm" else v.sum(0) if k == "policy_loss" else v.mean(0)
+                       for k, v in metrics.items()}
             return nnx.state((model, optimizer)), metrics
 
         state, metrics = jax.lax.scan(update, state, jnp.arange(updates))

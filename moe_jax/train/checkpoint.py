@@ -82,10 +82,6 @@ class Checkpointer:
         nnx.replace_by_pure_dict(state, restored["model"])
         return state
 
-    def wait(self) -> None:
-        """Block until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

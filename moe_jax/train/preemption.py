@@ -12,10 +12,13 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Self
+from typing import TYPE_CHECKING
 
 import jax
 import orbax.checkpoint as ocp
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; the package promises 3.10
+    from typing_extensions import Self
 
 
 class PreemptionWatcher:
