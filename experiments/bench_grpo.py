@@ -14,19 +14,12 @@ import json
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from moe_jax import config_flags
 from moe_jax.configs import count_params
-from moe_jax.data.pipelines import rl_prompt_batches
-from moe_jax.data.tasks import make_task
-from moe_jax.data.tokenizer import load_tokenizer
-from moe_jax.parallel import make_mesh, parse_rules
 from moe_jax.rl.config import GRPOConfig
-from moe_jax.rl.step import make_grpo_step
-from moe_jax.rl.trainer import grpo_loss_of, one_step
-from moe_jax.train.experiment_config import parse_task_options
-from moe_jax.train.trainer import init_model_and_optimizer
+from moe_jax.rl.trainer import grpo_run
+from moe_jax.train import driver
 
 BENCH_DEFAULTS = {"batch_size": 64, "group_size": 8, "max_new_tokens": 32, "seq_len": 48}
 # The model TRL was timed with: 2 layers of d_model 128 (here with tiny-moe's MoE and MLA).
@@ -45,20 +38,10 @@ def main(argv: list[str]) -> None:
     model_overrides = {k: v for k, v in MODEL_DEFAULTS.items() if not FLAGS[f"config.model.{k}"].present}
     if FLAGS.config == "tiny-moe":
         cfg = cfg.replace_model(**model_overrides)
-    mesh = make_mesh(FLAGS.mesh or "auto")
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    task = make_task(cfg.task, **parse_task_options(cfg.task_options))
-    model, optimizer = init_model_and_optimizer(cfg, mesh)
-    grpo_step, state = make_grpo_step(model, optimizer, grpo_loss_of(cfg), mesh=mesh,
-                                      rules=parse_rules(cfg.sharding_rules))
-    model_graphdef = nnx.graphdef(model)
-    del model, optimizer
-    prompts = iter(rl_prompt_batches(task, tokenizer, seed=cfg.seed, batch_size=cfg.prompts_per_step,
-                                     prompt_len=cfg.prompt_len, template=cfg.template))
-    phases = []
+    parts = grpo_run(cfg)(driver.setup(cfg, FLAGS.mesh))  # a GRPO run's step, without its workdir
+    state, phases = parts.state, []
     for step in range(1, FLAGS.warmup + FLAGS.repeats + 1):
-        metrics = one_step(cfg, step, task, tokenizer, mesh, prompts, model_graphdef, state, grpo_step, None)
-        state = metrics.pop("_state")
+        state, metrics = parts.step(step, state)
         if step > FLAGS.warmup:
             phases.append([metrics["time/sampling"], metrics["time/scoring"], metrics["time/training"]])
     sampling, scoring, training = np.median(np.asarray(phases), axis=0)

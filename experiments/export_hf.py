@@ -20,7 +20,8 @@ from moe_jax.configs import ModelConfig
 from moe_jax.interop import FAMILIES, save_hf
 from moe_jax.models import Transformer
 from moe_jax.parallel import init_sharded, make_mesh, parse_rules
-from moe_jax.train.trainer import load_init_from
+from moe_jax.train import workdir as workdir_format
+from moe_jax.train.driver import load_init_from
 
 flags.DEFINE_string("run", None, "the run's workdir (holds config.json and checkpoints/)", required=True)
 flags.DEFINE_integer("step", None, "checkpoint step to export (default: the latest)")
@@ -34,12 +35,14 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    with open(os.path.join(FLAGS.run, "config.json")) as f:
-        saved = json.load(f)
+    saved = workdir_format.read_config(FLAGS.run)
+    if saved is None:
+        raise app.UsageError(f"--run={FLAGS.run}: no {workdir_format.CONFIG_FILE} there. Fix: give the "
+                             "workdir of a moe_jax run")
     cfg = ModelConfig(**saved["model"])
     rules = parse_rules(saved.get("sharding_rules", ""))  # the run's layout, if it changed one
     model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), make_mesh(FLAGS.mesh), rules)
-    checkpoint = FLAGS.run if FLAGS.step is None else os.path.join(FLAGS.run, "checkpoints", str(FLAGS.step))
+    checkpoint = FLAGS.run if FLAGS.step is None else os.path.join(workdir_format.checkpoint_dir(FLAGS.run), str(FLAGS.step))
     load_init_from(model, checkpoint)
     files = save_hf(model, cfg, FLAGS.out, family=FLAGS.family, dtype=FLAGS.dtype,
                     companion_files_from=FLAGS.companion_files_from)

@@ -10,8 +10,9 @@ import pytest
 
 from moe_jax.configs import get_preset
 from moe_jax.rl.config import GRPOConfig
-from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.metrics import read_metrics
+from moe_jax.train.workdir import CHECKPOINT_DIR
 
 CFG = GRPOConfig(model=dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_heads=2),
                  steps=2, batch_size=16, group_size=4, seq_len=40, max_new_tokens=16,

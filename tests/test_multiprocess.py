@@ -16,9 +16,10 @@ import pytest
 
 from moe_jax.configs import get_preset
 from moe_jax.rl.config import GRPOConfig
-from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.metrics import read_metrics
+from moe_jax.train.workdir import CHECKPOINT_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_heads=2)

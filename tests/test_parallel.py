@@ -22,9 +22,9 @@ from moe_jax.parallel import (
     state_shardings,
     use_mesh,
 )
+from moe_jax.train.driver import init_model_and_optimizer
 from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.step import make_train_step
-from moe_jax.train.trainer import init_model_and_optimizer
 
 MLA_MOE = get_preset("tiny-moe")
 GQA_MOE = dataclasses.replace(

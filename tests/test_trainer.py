@@ -15,10 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moe_jax.configs import get_preset
-from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.metrics import read_metrics
-from moe_jax.train.trainer import ConfigConflictError, check_workdir_config, train
+from moe_jax.train.trainer import train
+from moe_jax.train.workdir import CHECKPOINT_DIR, ConfigConflictError, check_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough to compile in seconds; 8 rows so the 8 simulated devices each hold one.
@@ -133,10 +134,10 @@ def test_conflicting_config_is_refused_but_cadence_and_layout_may_change(tmp_pat
     workdir = str(tmp_path)
     (tmp_path / "config.json").write_text(CFG.to_json())
     layout_and_cadence = {"eval_every": 2, "checkpoint_every": 5, "sharding_rules": "embed=None"}
-    check_workdir_config(dataclasses.replace(CFG, **layout_and_cadence), workdir)
+    check_config(dataclasses.replace(CFG, **layout_and_cadence), workdir)
     saved_before_the_field = {k: v for k, v in CFG.to_dict().items() if k != "sharding_rules"}
     (tmp_path / "config.json").write_text(json.dumps(saved_before_the_field))
-    check_workdir_config(CFG, workdir)
+    check_config(CFG, workdir)
     other = dataclasses.replace(CFG, learning_rate=1e-3, model=dataclasses.replace(CFG.model, top_k=1))
     with pytest.raises(ConfigConflictError) as error:
         train(other, workdir)

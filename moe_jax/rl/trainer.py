@@ -3,47 +3,36 @@
 Each step: a batch of prompts → `group_size` sampled completions each (KV-cache sampler, the
 sampling log-probs kept as the old policy's) → rule-based rewards on the host → group advantages
 → one jitted step of μ × minibatch updates. The workdir, resume, SIGTERM, NaN and config-conflict
-behaviour is the training loop's (`moe_jax.train.trainer`); the sampling key of step N is
+behaviour is the run driver's (`moe_jax.train.driver`); the sampling key of step N is
 `fold_in(key(seed), N)`, so a resumed run draws what an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from moe_jax.data.pipelines import problem_at, rl_prompt_batches
-from moe_jax.data.tasks import make_task
-from moe_jax.data.tokenizer import load_tokenizer
+from moe_jax.data.tasks import Task
+from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models.sampler import jit_generate
-from moe_jax.parallel import BATCH_AXES, make_mesh, parse_rules, use_mesh
+from moe_jax.parallel import BATCH_AXES, parse_rules, use_mesh
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.rl import grpo, rewards
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.policy import completion_width, rollout_rows
 from moe_jax.rl.step import GRPOLoss, make_grpo_step, make_logprob_fn
-from moe_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from moe_jax.train import driver
 from moe_jax.train.evaluation import Evaluator, completion_text
-from moe_jax.train.experiment_config import parse_task_options
-from moe_jax.train.preemption import PreemptionWatcher
-from moe_jax.train.run_log import RunLog
-from moe_jax.train.trainer import (
-    Hook,
-    check_finite,
-    init_model_and_optimizer,
-    load_init_from,
-    prepare_workdir,
-)
 
 
 def grpo_loss_of(cfg: GRPOConfig) -> GRPOLoss:
@@ -86,74 +75,38 @@ def all_rows(local: Any) -> Any:
     return local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True)
 
 
+def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
+    """The parts of a GRPO run: prompt batches, the sample-score-update step (`GRPOStepper`),
+    greedy held-out accuracy (also at step 0, the curve's starting point)."""
+
+    def build(context: driver.RunContext) -> driver.RunParts:
+        loss, mesh = grpo_loss_of(cfg), context.mesh
+        # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
+        reference = (make_logprob_fn(context.model, loss, mesh=mesh, rules=context.rules),
+                     jax.tree.map(jnp.copy, nnx.state(context.model))) if cfg.beta > 0 else None
+        grpo_step, state = make_grpo_step(context.model, context.optimizer, loss, mesh=mesh, rules=context.rules)
+        local = process_batch_slice(cfg.prompts_per_step)
+        prompts = iter(rl_prompt_batches(context.task, context.tokenizer, seed=cfg.seed,
+                                         batch_size=local.stop - local.start, prompt_len=cfg.prompt_len,
+                                         template=cfg.template))
+        stepper = GRPOStepper(cfg, context.task, context.tokenizer, mesh, prompts, nnx.graphdef(context.model),
+                              grpo_step, reference)
+        return driver.RunParts(
+            step=stepper, state=state, data=prompts, data_key="prompts",
+            evaluate=Evaluator(cfg, context.task, context.tokenizer, None, mesh), evaluate_at_start=True,
+            progress_keys={"reward": "reward", "eval/accuracy": "acc"},
+            plot_keys=["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length", "kl",
+                       "entropy", "clip_ratio/region_mean", "grad_norm"])
+
+    return build
+
+
 def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
-               init_from: str | None = None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-    """Run (or resume) GRPO in `workdir`; returns `{"status", "step", "metrics"}` like `train`.
-    `init_from` gives the starting policy, which is also the frozen reference when `beta` > 0."""
-    is_lead = prepare_workdir(cfg, workdir)
-    mesh = make_mesh(mesh_spec or "auto")
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    task = make_task(cfg.task, **parse_task_options(cfg.task_options))
-    model, optimizer = init_model_and_optimizer(cfg, mesh)
-    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=cfg.checkpoint_every,
-                                keep=cfg.keep_checkpoints)
-    if init_from:  # also when resuming: it is the KL term's reference (the state is restored below)
-        load_init_from(model, init_from)
-    loss = grpo_loss_of(cfg)
-    # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
-    rules = parse_rules(cfg.sharding_rules)
-    reference = (make_logprob_fn(model, loss, mesh=mesh, rules=rules),
-                 jax.tree.map(jnp.copy, nnx.state(model))) if cfg.beta > 0 else None
-    grpo_step, state = make_grpo_step(model, optimizer, loss, mesh=mesh, rules=rules)
-    model_graphdef = nnx.graphdef(model)
-    evaluator = Evaluator(cfg, task, tokenizer, None, mesh)
-    del model, optimizer
-
-    local = process_batch_slice(cfg.prompts_per_step)
-    prompts = iter(rl_prompt_batches(task, tokenizer, seed=cfg.seed, batch_size=local.stop - local.start,
-                                     prompt_len=cfg.prompt_len, template=cfg.template))
-    start = 0
-    restored = checkpointer.restore(state)
-    if restored is not None:
-        start, state, data_state = restored
-        prompts.set_state(data_state["prompts"])
-        logging.info("resumed %s from step %d", workdir, start)
-
-    run_log = RunLog(workdir, steps=cfg.steps, start=start, is_lead=is_lead,
-                     progress_keys={"reward": "reward", "eval/accuracy": "acc"},
-                     plot_keys=["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length",
-                                "kl", "entropy", "clip_ratio/region_mean", "grad_norm"])
-    status, host, step = "finished", {}, start
-    try:
-        if start == 0:  # the starting point of the curve: the base model's accuracy
-            host = evaluator(nnx.merge(model_graphdef, state[0]))
-            run_log.write(0, host)
-            logging.info("step 0: %s", host)
-        with PreemptionWatcher() as preemption:
-            for step in range(start + 1, cfg.steps + 1):
-                host = one_step(cfg, step, task, tokenizer, mesh, prompts, model_graphdef, state,
-                                 grpo_step, reference)
-                state = host.pop("_state")
-                for hook in hooks:
-                    hook(step, state)
-                check_finite(step, host, checkpointer.latest_step())
-                stop = preemption.stop_requested(step, checkpointer.manager)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    host.update(evaluator(nnx.merge(model_graphdef, state[0])))
-                    logging.info("step %d: reward %.3f eval/accuracy %.3f", step, host["reward"],
-                                 host["eval/accuracy"])
-                run_log.write(step, host)
-                if stop or step == cfg.steps or step % cfg.checkpoint_every == 0:
-                    checkpointer.save(step, state, {"prompts": prompts.get_state()}, force=True)
-                if stop:
-                    status = "preempted"
-                    logging.warning("preemption notice: saved step %d; rerun to resume", step)
-                    break
-    finally:
-        run_log.close()
-        checkpointer.close()
-    run_log.plot()
-    return {"status": status, "step": step, "metrics": host}
+               init_from: str | None = None, hooks: Sequence[driver.Hook] = ()) -> dict[str, Any]:
+    """Run (or resume) GRPO in `workdir` (`driver.run`'s contract). `init_from` gives the starting
+    policy, which is also the frozen reference when `beta` > 0 (so it is read on resume too)."""
+    return driver.run(cfg, workdir, grpo_run(cfg), mesh_spec=mesh_spec, init_from=init_from,
+                      init_from_on_resume=True, hooks=hooks)
 
 
 def _sample_and_score(cfg: GRPOConfig, key: jax.Array, task, tokenizer, mesh, prompts, policy
@@ -203,60 +156,68 @@ def _informative_groups(cfg: GRPOConfig, first: dict[str, np.ndarray], sample_mo
     return {k: np.concatenate([g[k] for g in groups]) for k in first}, batches
 
 
-def one_step(cfg: GRPOConfig, step: int, task, tokenizer, mesh, prompts, model_graphdef, state,
-             grpo_step, reference) -> dict[str, Any]:
-    """Sample, score and update once; returns the step's metrics (and the new state as `_state`).
-    Reward metrics describe the first sampled batch: the policy as it is, before any filtering."""
-    t0 = time.perf_counter()
-    policy = nnx.merge(model_graphdef, state[0])
-    step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-    sampling_s = 0.0
+@dataclasses.dataclass
+class GRPOStepper:
+    """`stepper(step, state) -> (state, metrics)`: sample, score and update once. Reward metrics
+    describe the first sampled batch: the policy as it is, before any filtering."""
 
-    def sample(attempt: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        nonlocal sampling_s
-        rollout, scores, seconds = _sample_and_score(cfg, jax.random.fold_in(step_key, attempt), task,
-                                                     tokenizer, mesh, prompts, policy)
-        sampling_s += seconds
-        return rollout, scores
+    cfg: GRPOConfig
+    task: Task
+    tokenizer: Tokenizer
+    mesh: Mesh
+    prompts: Iterator[dict[str, np.ndarray]]
+    model_graphdef: nnx.GraphDef
+    grpo_step: Callable[[nnx.State, dict], tuple[nnx.State, dict]]
+    # (jitted log-prob function, frozen model state) of the KL reference, when beta > 0
+    reference: tuple[Callable[[nnx.State, dict], jax.Array], nnx.State] | None = None
 
-    rollout, scores = sample(0)
-    first = all_rows({**scores, "lengths": rollout["lengths"], "truncated": rollout["truncated"]})
-    host: dict[str, Any] = reward_metrics({name: first[name] for name in scores}, cfg.group_size)
-    if cfg.dynamic_sampling:
-        rollout, host["dynamic_sampling/batches"] = _informative_groups(
-            cfg, rollout, lambda attempt: sample(attempt)[0])
-    # "batch" scaling needs every process's rewards (each process keeps its own rows' advantages),
-    # and the trimmed width must be the same on every process.
-    kept = all_rows({"reward": rollout["reward"], "lengths": rollout["lengths"]})
-    advantages_B = grpo.group_advantages(jnp.asarray(kept["reward"], jnp.float32), cfg.group_size,
-                                         scale=cfg.scale_rewards)[process_batch_slice(len(kept["reward"]))]
-    width = completion_width(int(kept["lengths"].max()), cfg.max_new_tokens)
-    completion = {name: rollout[name][:, :width] for name in ("tokens", "mask", "logprobs")}
-    mask_BxN = completion["mask"]
-    if cfg.mask_truncated_completions:
-        mask_BxN = np.asarray(grpo.mask_truncated(mask_BxN, rollout["truncated"]))
-    tokens_BxS, segment_ids_BxS = rollout_rows(rollout["prompt"], rollout["prompt_segments"],
-                                               completion["tokens"], completion["mask"])
-    local = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
-             "old_logp": completion["logprobs"], "advantages": advantages_B}
-    batch = {name: global_batch_array(np.asarray(rows), mesh) for name, rows in local.items()}
-    if reference is not None:
-        logprob_fn, reference_state = reference
-        batch["ref_logp"] = logprob_fn(reference_state, batch)
-    t2 = time.perf_counter()
+    def __call__(self, step: int, state: nnx.State) -> tuple[nnx.State, dict[str, Any]]:
+        cfg, mesh = self.cfg, self.mesh
+        t0 = time.perf_counter()
+        policy = nnx.merge(self.model_graphdef, state[0])
+        step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        sampling_s = 0.0
 
-    state, metrics = grpo_step(state, batch)
-    metrics = jax.device_get(metrics)
-    t3 = time.perf_counter()
-    for name, value in metrics.items():
-        if np.ndim(value) == 0:
-            host[name] = float(value)
-        else:
-            host[name], host[f"{name}_mean"] = [float(v) for v in value], float(np.mean(value))
-    host["loss"] = host["policy_loss"]
-    lengths_B = first["lengths"]
-    host.update({"completions/mean_length": float(lengths_B.mean()),
-                 "completions/clipped_ratio": float(first["truncated"].mean()),
-                 "time/sampling": sampling_s, "time/scoring": t2 - t0 - sampling_s, "time/training": t3 - t2,
-                 "tokens_per_s": float(lengths_B.sum()) / (t3 - t0), "_state": state})
-    return host
+        def sample(attempt: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+            nonlocal sampling_s
+            rollout, scores, seconds = _sample_and_score(cfg, jax.random.fold_in(step_key, attempt), self.task,
+                                                         self.tokenizer, mesh, self.prompts, policy)
+            sampling_s += seconds
+            return rollout, scores
+
+        rollout, scores = sample(0)
+        first = all_rows({**scores, "lengths": rollout["lengths"], "truncated": rollout["truncated"]})
+        host: dict[str, Any] = reward_metrics({name: first[name] for name in scores}, cfg.group_size)
+        if cfg.dynamic_sampling:
+            rollout, host["dynamic_sampling/batches"] = _informative_groups(
+                cfg, rollout, lambda attempt: sample(attempt)[0])
+        # "batch" scaling needs every process's rewards (each process keeps its own rows'
+        # advantages), and the trimmed width must be the same on every process.
+        kept = all_rows({"reward": rollout["reward"], "lengths": rollout["lengths"]})
+        advantages_B = grpo.group_advantages(jnp.asarray(kept["reward"], jnp.float32), cfg.group_size,
+                                             scale=cfg.scale_rewards)[process_batch_slice(len(kept["reward"]))]
+        width = completion_width(int(kept["lengths"].max()), cfg.max_new_tokens)
+        completion = {name: rollout[name][:, :width] for name in ("tokens", "mask", "logprobs")}
+        mask_BxN = completion["mask"]
+        if cfg.mask_truncated_completions:
+            mask_BxN = np.asarray(grpo.mask_truncated(mask_BxN, rollout["truncated"]))
+        tokens_BxS, segment_ids_BxS = rollout_rows(rollout["prompt"], rollout["prompt_segments"],
+                                                   completion["tokens"], completion["mask"])
+        local = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
+                 "old_logp": completion["logprobs"], "advantages": advantages_B}
+        batch = {name: global_batch_array(np.asarray(rows), mesh) for name, rows in local.items()}
+        if self.reference is not None:
+            logprob_fn, reference_state = self.reference
+            batch["ref_logp"] = logprob_fn(reference_state, batch)
+        t2 = time.perf_counter()
+
+        state, metrics = self.grpo_step(state, batch)
+        host.update(jax.device_get(metrics))
+        t3 = time.perf_counter()
+        host["loss"] = host["policy_loss"]
+        lengths_B = first["lengths"]
+        host.update({"completions/mean_length": float(lengths_B.mean()),
+                     "completions/clipped_ratio": float(first["truncated"].mean()),
+                     "time/sampling": sampling_s, "time/scoring": t2 - t0 - sampling_s, "time/training": t3 - t2,
+                     "tokens_per_s": float(lengths_B.sum()) / (t3 - t0)})
+        return state, host

@@ -3,8 +3,8 @@ the optimizer's step), the data iterator's state and any JSON-able extras, every
 the last K. Orbax writes each step to a temporary directory and renames it when complete, so a
 crash or kill mid-save never damages the last good checkpoint.
 
-Layout: `<workdir>/checkpoints/<step>/{model,optimizer,data}`; the run's `config.json` sits in
-the workdir beside them."""
+Layout: `<step>/{model,optimizer,data}` inside the directory it is given (a run's
+`checkpoints/`, `moe_jax.train.workdir`)."""
 
 from __future__ import annotations
 
@@ -15,23 +15,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-CHECKPOINT_DIR = "checkpoints"  # inside a run's workdir
-
 
 def _target(abstract_state: nnx.State) -> dict:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(abstract_state))
-
-
-def checkpoint_location(path: str) -> tuple[str, int | None]:
-    """(checkpoint directory, step or None for the latest) of what `--init_from` names: a run's
-    workdir, its `checkpoints/` directory, or one step's directory inside it."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-        return os.path.join(path, CHECKPOINT_DIR), None
-    name = os.path.basename(path)
-    if name.isdigit():
-        return os.path.dirname(path), int(name)
-    return path, None
 
 
 class Checkpointer:

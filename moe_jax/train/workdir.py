@@ -1,0 +1,112 @@
+"""The workdir format, owned here and nowhere else. A run's folder holds:
+
+    config.json        the run's config (written before the first step; a rerun must agree)
+    tokenizer.json     a copy of the run's Hugging Face tokenizer (none for the built-in "char")
+    checkpoints/<step>/{model,optimizer,data}   Orbax checkpoints (`moe_jax.train.checkpoint`)
+    metrics.jsonl, tensorboard/, metrics.png    the run's record (`moe_jax.train.run_log`)
+    DONE               written last, when the run has finished: its final step and metrics
+
+`--init_from`, `export_hf.py` and the pipeline read runs through these functions, so a finished
+run is recognised (`read_done`) without building a model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+
+from moe_jax.train.experiment_config import ExperimentConfig, config_differences
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_DIR = "checkpoints"
+DONE_FILE = "DONE"
+
+
+class ConfigConflictError(ValueError):
+    """The workdir holds a run whose config differs from the one asked for."""
+
+
+def write_json_atomically(path: str, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a kill mid-write leaves the old file)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+    """The saved `config.json` of `workdir` as a dict, or None when there is none."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_config(cfg: ExperimentConfig, workdir: str) -> None:
+    """Refuse to mix runs: a saved `config.json` must agree with `cfg` (cadence and layout fields
+    aside)."""
+    saved = read_config(workdir)
+    differences = [] if saved is None else config_differences(saved, cfg.to_dict())
+    if differences:
+        raise ConfigConflictError(
+            f"{workdir} holds a run with a different config:\n  " + "\n  ".join(differences)
+            + f"\nFix: resume it with its own config (--config={os.path.join(workdir, CONFIG_FILE)}), or "
+              "give this run a new --workdir (--init_from=<that workdir> starts from its weights)")
+
+
+def prepare(cfg: ExperimentConfig, workdir: str) -> bool:
+    """Create the workdir, refuse a conflicting saved config, write `config.json` and the copy of
+    the tokenizer (from process 0); returns whether this process is the one that writes."""
+    os.makedirs(workdir, exist_ok=True)
+    check_config(cfg, workdir)
+    is_lead = jax.process_index() == 0
+    if is_lead:
+        write_json_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
+        if os.path.isfile(cfg.tokenizer):
+            shutil.copyfile(cfg.tokenizer, os.path.join(workdir, TOKENIZER_FILE + ".tmp"))
+            os.replace(os.path.join(workdir, TOKENIZER_FILE + ".tmp"), os.path.join(workdir, TOKENIZER_FILE))
+    return is_lead
+
+
+def tokenizer_path(workdir: str, cfg: ExperimentConfig) -> str:
+    """What `load_tokenizer` should read for the run in `workdir`: its own copy when it has one."""
+    copy = os.path.join(workdir, TOKENIZER_FILE)
+    return copy if os.path.isfile(copy) else cfg.tokenizer
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def checkpoint_location(path: str) -> tuple[str, int | None]:
+    """(checkpoint directory, step or None for the latest) of what `--init_from` names: a run's
+    workdir, its `checkpoints/` directory, or one step's directory inside it."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        return os.path.join(path, CHECKPOINT_DIR), None
+    name = os.path.basename(path)
+    if name.isdigit():
+        return os.path.dirname(path), int(name)
+    return path, None
+
+
+def mark_done(workdir: str, step: int, metrics: dict[str, Any]) -> None:
+    """Write `DONE` (the final step and its scalar metrics): the last file a finished run writes."""
+    record = {"step": step, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}}
+    write_json_atomically(os.path.join(workdir, DONE_FILE), json.dumps(record, indent=2, sort_keys=True))
+
+
+def read_done(workdir: str) -> dict[str, Any] | None:
+    """`{"step", "finished_at", "metrics"}` of a finished run, or None when it has not finished."""
+    path = os.path.join(workdir, DONE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
