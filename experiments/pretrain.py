@@ -12,15 +12,20 @@ from __future__ import annotations
 from absl import app
 
 from moe_jax import config_flags
-from moe_jax.experiment_main import define_run_flags, run_from_flags
+from moe_jax.experiment_main import (
+    config_from_recipe_flags,
+    define_recipe_flags,
+    define_run_flags,
+    run_from_flags,
+)
 
-config_flags.define_config_flags()
+define_recipe_flags("pretrain")
 define_run_flags()
 
 
 def main(argv: list[str]) -> None:
     del argv
-    run_from_flags(config_flags.config_from_flags())
+    run_from_flags(config_from_recipe_flags())
 
 
 if __name__ == "__main__":

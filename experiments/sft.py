@@ -13,19 +13,20 @@ from __future__ import annotations
 from absl import app
 
 from moe_jax import config_flags
-from moe_jax.experiment_main import define_run_flags, run_from_flags
+from moe_jax.experiment_main import (
+    config_from_recipe_flags,
+    define_recipe_flags,
+    define_run_flags,
+    run_from_flags,
+)
 
-# Curated traces (no slips), the loss on responses only, and a gentler, shorter schedule.
-SFT_DEFAULTS = {"loss_on_prompt": False, "error_rate": 0.0, "learning_rate": 1e-3, "steps": 200,
-                "warmup_steps": 10}
-
-config_flags.define_config_flags()
+define_recipe_flags("sft")
 define_run_flags()
 
 
 def main(argv: list[str]) -> None:
     del argv
-    run_from_flags(config_flags.config_from_flags(defaults=SFT_DEFAULTS))
+    run_from_flags(config_from_recipe_flags())
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 from absl import app, flags
 
 from moe_jax.configs import ModelConfig, get_preset, list_presets
-from moe_jax.train.experiment_config import ExperimentConfig, check_known
+from moe_jax.train.experiment_config import RETIRED_FIELDS, ExperimentConfig, check_known
 
 _PREFIX = "config."
 _MODEL_PREFIX = "config.model."
@@ -86,7 +86,9 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     if unknown:
         prefix = _MODEL_PREFIX if all(u.startswith(_MODEL_PREFIX) for u in unknown) else _PREFIX
         valid = [name.removeprefix(_PREFIX) for name in flag_values if name.startswith(prefix)]
-        sys.stderr.write(f"FATAL Flags parsing error: unknown config field(s) {unknown}.\n"
+        retired = [f"{name}: removed, {RETIRED_FIELDS[name.removeprefix(_PREFIX)]}\n" for name in unknown
+                   if name.removeprefix(_PREFIX) in RETIRED_FIELDS]
+        sys.stderr.write(f"FATAL Flags parsing error: unknown config field(s) {unknown}.\n{''.join(retired)}"
                          f"Valid fields: {', '.join(valid)}\n")
         sys.exit(1)
     return app.parse_flags_with_usage(argv)

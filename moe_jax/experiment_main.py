@@ -1,5 +1,6 @@
 """What every training entry point shares: the run flags (`--workdir`, `--mesh`, `--init_from`,
-the multi-process flags) and the call into the loop, so `experiments/*.py` stay a few lines."""
+`--recipe`, the multi-process flags) and the call into the loop, so `experiments/*.py` stay a
+few lines."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
+from moe_jax import config_flags
 from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
+from moe_jax.recipes import get_recipe, recipes_for
 from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.trainer import train
 
@@ -24,6 +27,22 @@ def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "resumes from its own checkpoints keeps them (GRPO still reads it for the KL "
                         "reference)", flag_values=flag_values)
     define_distributed_flags(flag_values)
+
+
+def define_recipe_flags(default: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """`--recipe` (the recipes of `default`'s kind of run) and the `--config` flags of that kind."""
+    config_class = get_recipe(default).config_class
+    flags.DEFINE_enum("recipe", default, recipes_for(config_class), "named experiment preset "
+                      "(moe_jax.recipes); --config and --config.<field> override it", flag_values=flag_values)
+    config_flags.define_config_flags(flag_values=flag_values, config_class=config_class)
+
+
+def config_from_recipe_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
+    """The `--recipe`'s config under `--config` (a preset or file) and the override flags."""
+    recipe = get_recipe(flag_values.recipe)
+    return config_flags.config_from_flags(flag_values, defaults=dict(recipe.fields),
+                                          config_class=recipe.config_class,
+                                          model_defaults=dict(recipe.model_fields))
 
 
 class _QuietLibraries(py_logging.Filter):

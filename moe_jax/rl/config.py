@@ -5,7 +5,8 @@ Per step, `batch_size` completions are sampled: `batch_size / group_size` prompt
 samples each; every row holds `seq_len` tokens, the prompt (left-padded) taking
 `seq_len - max_new_tokens` of them; each of the `minibatches` updates accumulates its gradient
 over `microbatches` scans. The corpus fields (`error_rate`, `loss_on_prompt`) play no part in
-RL; `r1_zero.py` reads `error_rate` for its base corpus.
+RL; `r1_zero.py` reads `error_rate` for its base corpus. The run fields default to GRPO's own
+values (the `grpo` recipe), not pretraining's: `GRPOConfig()` in a notebook is a GRPO run.
 """
 
 from __future__ import annotations
@@ -18,8 +19,20 @@ from moe_jax.train.experiment_config import ExperimentConfig, config_error
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig(ExperimentConfig):
-    """R1-Zero-style RL from a base model; the inherited defaults are overridden by `grpo.py`."""
+    """R1-Zero-style RL from a base model."""
 
+    # --- the run fields, at GRPO's values: 16 prompts x 8 samples per step, a gentle schedule ---
+    steps: int = 100
+    batch_size: int = 128
+    learning_rate: float = 1e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    eval_every: int = 20
+    checkpoint_every: int = 20
+    eval_batches: int = 0
+    eval_problems: int = 128
+    eval_max_new_tokens: int = 64
+    # --- GRPO ---
     group_size: int = 8  # G completions per prompt
     max_new_tokens: int = 64
     temperature: float = 1.0

@@ -19,10 +19,12 @@ from moe_jax.parallel.rules import parse_rules
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 # Fields that only change how often things happen, not the numbers a run computes: a resumed run
 # may change them without being a different experiment.
-CADENCE_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every")
+CADENCE_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints")
 # Fields that only say where the numbers live on the devices (like `--mesh`): a resumed run may
 # change them too.
 LAYOUT_FIELDS = ("sharding_rules",)
+# Fields that no longer exist -> why; a saved `config.json` that has one still loads (and resumes).
+RETIRED_FIELDS = {"log_every": "it was read by nothing: the progress line is paced by time"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,6 @@ class ExperimentConfig:
     eval_problems: int = 64  # held-out problems for greedy task accuracy
     eval_max_new_tokens: int = 64
     keep_checkpoints: int = 3
-    log_every: int = 20  # console lines (metrics.jsonl gets every step)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -76,7 +77,7 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> ExperimentConfig:
         """Inverse of `to_dict` (a workdir's `config.json`); unknown fields are an error."""
-        fields = dict(fields)
+        fields = {k: v for k, v in fields.items() if k not in RETIRED_FIELDS}
         model = fields.pop("model", {})
         check_known(cls, fields)
         check_known(ModelConfig, model, prefix="model.")
@@ -125,7 +126,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise config_error(cfg, field, problem, fix)
 
     for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "microbatches",
-                 "eval_problems", "eval_max_new_tokens", "keep_checkpoints", "log_every"):
+                 "eval_problems", "eval_max_new_tokens", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             _fail(name, f"must be >= 1, got {getattr(cfg, name)}", "use a positive value")
     if cfg.eval_batches < 0:
@@ -165,7 +166,7 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str =
     skipping the cadence and layout fields a resumed run may change."""
     lines = []
     for key in sorted(set(saved) | set(new)):
-        if not prefix and key in CADENCE_FIELDS + LAYOUT_FIELDS:
+        if not prefix and key in CADENCE_FIELDS + LAYOUT_FIELDS + tuple(RETIRED_FIELDS):
             continue
         old_value, new_value = saved.get(key), new.get(key)
         if isinstance(old_value, dict) and isinstance(new_value, dict):
