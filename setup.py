@@ -19,6 +19,7 @@ setup(
         "tokenizers",
         "tensorboardX",
         "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "ruff"],

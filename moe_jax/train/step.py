@@ -71,6 +71,9 @@ def accumulate_gradients(loss_fn: Callable[[nnx.State, Any], tuple[jax.Array, An
     """(Σ_c ∇ loss_fn(params, chunk_c), every chunk's aux stacked `[C, ...]`) over the leading
     axis of `chunks`, by a scan: one chunk's activations live at a time."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if len(jax.tree.leaves(chunks)[0]) == 1:  # one chunk: no loop to compile
+        (_, aux), grads = grad_fn(params, jax.tree.map(lambda x: x[0], chunks))
+        return grads, jax.tree.map(lambda x: x[None], aux)
 
     def add(grads, chunk):
         (_, aux), chunk_grads = grad_fn(params, chunk)
