@@ -20,6 +20,7 @@ setup(
         "tensorboardX",
         "matplotlib",
         "tqdm",
+        "array-record",  # ArrayRecord dataset files (moe_jax.data.records), read through grain
     ],
     extras_require={
         "test": ["pytest", "ruff"],

@@ -56,3 +56,32 @@ def test_steps_lower_the_loss_and_move_the_router_bias():
     assert any(np.abs(np.asarray(b)).max() > 0 for b in biases)
     steps = int(optimizer.step.get_value())
     assert steps == 8
+
+
+def test_a_custom_loss_plugs_into_the_step():
+    """A made-up objective (squared log-partition, no MoE terms) through `make_train_step` gives
+    the update a hand-written gradient + optimizer step gives, and leaves the router biases."""
+    batch = _batch()
+
+    def z_loss(model, batch):
+        logits, _ = model(batch["tokens"], segment_ids_BxT=batch["segment_ids"], positions_BxT=batch["positions"])
+        loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+        return loss, {"loss": loss}
+
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, make_optimizer(1e-2, warmup_steps=1, total_steps=100), wrt=nnx.Param)
+    step, state = make_train_step(model, optimizer, loss_fn=z_loss)
+    state, metrics = step(state, batch)
+    nnx.update((model, optimizer), state)
+
+    reference = Transformer(CFG, rngs=nnx.Rngs(0))
+    reference_optimizer = nnx.Optimizer(reference, make_optimizer(1e-2, warmup_steps=1, total_steps=100),
+                                        wrt=nnx.Param)
+    loss, grads = nnx.value_and_grad(lambda m: z_loss(m, batch)[0])(reference)
+    reference_optimizer.update(reference, grads)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                      nnx.to_flat_state(nnx.state(reference, nnx.Param)), strict=True):
+        np.testing.assert_allclose(np.asarray(got.get_value()), np.asarray(want.get_value()), rtol=1e-5,
+                                   atol=1e-7, err_msg=str(path))
+    assert all(not np.asarray(b).any() for b in jax.tree.leaves(nnx.state(model, RouterBias)))

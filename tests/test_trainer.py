@@ -113,9 +113,15 @@ def test_sigterm_saves_and_exits_then_rerun_finishes(tmp_path):
     assert (result["status"], result["step"]) == ("preempted", 4)
     assert Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=1).latest_step() == 4
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+    # As an older version wrote it: without the fields added since, with one retired since.
+    old = {k: v for k, v in CFG.to_dict().items() if k not in ("data", "sharding_rules")}
+    pathlib.Path(workdir, "config.json").write_text(json.dumps({**old, "log_every": 20}))
     result = train(CFG, workdir)
     assert (result["status"], result["step"]) == ("finished", CFG.steps)
     assert sorted(_losses(workdir)) == list(range(1, CFG.steps + 1))
+    done = json.loads(pathlib.Path(workdir, "DONE").read_text())
+    assert done["step"] == CFG.steps and done["metrics"]["loss"] == _losses(workdir)[CFG.steps]
+    assert train(CFG, workdir)["metrics"] == done["metrics"]  # finished: recognised, nothing built
 
 
 def test_nan_loss_stops_and_never_checkpoints_nan(tmp_path):

@@ -1,5 +1,6 @@
-"""grain pipelines over the synthetic tasks: packed pretraining rows, SFT rows with the loss on the
-response only, and RL prompt batches.
+"""grain pipelines: packed pretraining rows of the synthetic tasks, SFT rows with the loss on the
+response only (from a task stream or from dataset files, `moe_jax.data.records`), and RL prompt
+batches.
 
 Problem `i` of a task stream is generated from the seed sequence `(seed, i)`, so the source is
 random-access: grain shuffles, shards by process and checkpoints it by index (the iterator's
@@ -8,11 +9,14 @@ random-access: grain shuffles, shards by process and checkpoints it by index (th
 
 from __future__ import annotations
 
+import functools
+
 import grain
 import grain.experimental as grain_experimental
 import jax
 import numpy as np
 
+from moe_jax.data.records import JSONL_SUFFIX, dataset_files, load_records, tokenized_example
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 
@@ -46,6 +50,21 @@ def task_examples(task: Task, tokenizer: Tokenizer, *, seed: int, error_rate: fl
         lambda i: _example(task, tokenizer, seed, int(i), error_rate, template, loss_on_prompt))
 
 
+def record_examples(pattern: str, tokenizer: Tokenizer, *, seq_len: int, loss_on_prompt: bool = False
+                    ) -> grain.MapDataset:
+    """A random-access dataset of tokenized records from dataset files (a path or glob): SFT pairs
+    with the loss on the response (and `loss_weight`, the record's weight). JSON Lines records
+    are all checked now (a record longer than `seq_len` fails naming its line); ArrayRecord ones
+    as they are read."""
+    records = load_records(pattern)
+    to_example = functools.partial(tokenized_example, tokenizer=tokenizer, seq_len=seq_len,
+                                   loss_on_prompt=loss_on_prompt)
+    if dataset_files(pattern)[0].endswith(JSONL_SUFFIX):
+        for index in range(len(records)):
+            to_example(records[index])
+    return records.map(to_example)
+
+
 def _process_shard(dataset: grain.MapDataset, process_index: int | None,
                    process_count: int | None) -> grain.MapDataset:
     index = jax.process_index() if process_index is None else process_index
@@ -55,25 +74,29 @@ def _process_shard(dataset: grain.MapDataset, process_index: int | None,
 
 def _rename_packed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     segment_ids = batch["tokens_segment_ids"]
-    return {"tokens": batch["tokens"], "segment_ids": segment_ids,
-            "positions": batch["tokens_positions"],
-            "loss_mask": batch["loss_mask"] * (segment_ids != 0)}
+    renamed = {"tokens": batch["tokens"], "segment_ids": segment_ids, "positions": batch["tokens_positions"],
+               "loss_mask": batch["loss_mask"] * (segment_ids != 0)}
+    if "loss_weight" in batch:
+        renamed["loss_weight"] = batch["loss_weight"] * (segment_ids != 0)
+    return renamed
 
 
 def packed_batches(examples: grain.MapDataset, *, seq_len: int, batch_size: int, seed: int,
                    shuffle: bool = True, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.IterDataset:
-    """Examples packed first-fit into rows of `seq_len` tokens (longer ones are truncated), batched.
+                   process_count: int | None = None, weighted: bool = False) -> grain.IterDataset:
+    """Examples packed first-fit into rows of `seq_len` tokens (longer ones are truncated: task
+    streams only; dataset records are checked to fit), batched.
 
     Each batch holds `tokens`, `segment_ids` (1, 2, … per document, 0 = padding), `positions`
-    (restarting per document) and `loss_mask` `[batch_size, seq_len]`; this process reads only
-    its `1/process_count` of the stream."""
+    (restarting per document) and `loss_mask` `[batch_size, seq_len]` (and `loss_weight` when
+    `weighted`: examples from `record_examples`); this process reads only its
+    `1/process_count` of the stream."""
     dataset = examples.shuffle(seed=seed) if shuffle else examples
     dataset = _process_shard(dataset, process_index, process_count)
     # The packer rejects an example longer than a row: cut it to the row (its tail is lost).
     dataset = dataset.map(lambda example: {k: v[:seq_len] for k, v in example.items()}).to_iter_dataset()
     packed = grain_experimental.FirstFitPackIterDataset(
-        dataset, length_struct={"tokens": seq_len, "loss_mask": seq_len},
+        dataset, length_struct={name: seq_len for name in ("tokens", "loss_mask", "loss_weight")[:2 + weighted]},
         num_packing_bins=batch_size, shuffle_bins=False)
     return packed.batch(batch_size, drop_remainder=True).map(_rename_packed)
 

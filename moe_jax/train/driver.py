@@ -27,6 +27,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
+from moe_jax.data.records import dataset_files
 from moe_jax.data.tasks import Task, make_task
 from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
 from moe_jax.models import Transformer
@@ -121,6 +122,8 @@ def setup(cfg: ExperimentConfig, mesh_spec: str | None = None, tokenizer: str | 
         raise ValueError(f"{type(cfg).__name__}.model.vocab_size: {cfg.model.vocab_size} < the tokenizer's "
                          f"{loaded.vocab_size} ids. Fix: --config.model.vocab_size={loaded.vocab_size}")
     task = make_task(cfg.task, **parse_task_options(cfg.task_options))
+    if cfg.data:
+        dataset_files(cfg.data)  # the files exist and are of one kind, before anything is built
     model, optimizer = init_model_and_optimizer(cfg, mesh)
     return RunContext(cfg, mesh, parse_rules(cfg.sharding_rules), loaded, task, model, optimizer)
 
@@ -190,12 +193,12 @@ def run(cfg: ExperimentConfig, workdir: str, build: BuildRun, *, mesh_spec: str 
         logging.info("%s finished at step %d; nothing to do", workdir, done["step"])
         return {"status": "finished", "step": done["step"], "metrics": done["metrics"]}
     context = setup(cfg, mesh_spec, tokenizer=workdir_format.tokenizer_path(workdir, cfg))
-    is_lead = workdir_format.prepare(cfg, workdir)
     checkpointer = Checkpointer(workdir_format.checkpoint_dir(workdir), save_every=cfg.checkpoint_every,
                                 keep=cfg.keep_checkpoints)
     if init_from and (init_from_on_resume or checkpointer.latest_step() is None):
         load_init_from(context.model, init_from)
-    parts = build(context)
+    parts = build(context)  # a bad dataset file fails here, before the workdir is written
+    is_lead = workdir_format.prepare(cfg, workdir)
     model_graphdef = nnx.graphdef(context.model)
     del context  # the state pytree is the truth from here on (it is donated each step)
 

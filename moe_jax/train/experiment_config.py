@@ -47,6 +47,9 @@ class ExperimentConfig:
     error_rate: float = 0.1  # fraction of training traces with a slip (an imperfect corpus)
     loss_on_prompt: bool = True  # pretraining documents: True; SFT pairs: False
     tokenizer: str = "char"  # "char" or the path of a Hugging Face tokenizer.json
+    # "": the task stream above; else SFT records on disk (moe_jax.data.records): a .jsonl or
+    # .array_record file, or a glob of them
+    data: str = ""
     # --- optimizer (DeepSeek-V3 §4.2 shape) ---
     warmup_steps: int = 20
     weight_decay: float = 0.1

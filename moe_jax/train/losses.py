@@ -32,31 +32,38 @@ def count_targets(segment_ids_BxT: jax.Array, loss_mask_BxT: jax.Array, shifts: 
 
 
 def next_token_loss(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array,
-                    loss_mask_BxT: jax.Array | None = None, normalizer: jax.Array | None = None
-                    ) -> jax.Array:
-    """Cross-entropy of position i predicting token i + 1, summed over valid targets and divided
-    by `normalizer` (default: this batch's target count; pass the whole step's count when
-    accumulating microbatches, so their sum is the full batch's mean)."""
+                    loss_mask_BxT: jax.Array | None = None, normalizer: jax.Array | None = None,
+                    weight_BxT: jax.Array | None = None) -> jax.Array:
+    """Cross-entropy of position i predicting token i + 1, summed over valid targets (each
+    weighted by `weight_BxT` at the target, when given) and divided by `normalizer` (default:
+    this batch's target count; pass the whole step's count when accumulating microbatches, so
+    their sum is the full batch's mean)."""
     if loss_mask_BxT is None:
         loss_mask_BxT = jnp.ones_like(tokens_BxT)
     valid = target_mask(segment_ids_BxT, loss_mask_BxT, 1)
     normalizer = valid.sum() if normalizer is None else normalizer
+    if weight_BxT is not None:
+        valid = valid * weight_BxT[:, 1:]
     return _nll_sum(logits_BxTxV[:, :-1], tokens_BxT[:, 1:], valid) / jnp.maximum(normalizer, 1)
 
 
 def mtp_loss(mtp_logits_DxBxTxV: jax.Array, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array,
-             loss_mask_BxT: jax.Array | None = None, normalizers_D: jax.Array | None = None
-             ) -> jax.Array:
+             loss_mask_BxT: jax.Array | None = None, normalizers_D: jax.Array | None = None,
+             weight_BxT: jax.Array | None = None) -> jax.Array:
     """DeepSeek-V3 eq. 24-25 without λ: the mean over depths k = 1..D of the cross-entropy of
     depth k's logits at position i against token i + k + 1 (segments being contiguous, equal
-    segment ids at i and i + k + 1 mean the whole span is one document). `normalizers_D` as in
-    `next_token_loss`, one per depth."""
+    segment ids at i and i + k + 1 mean the whole span is one document). `normalizers_D` and
+    `weight_BxT` as in `next_token_loss`, one normaliser per depth."""
     if loss_mask_BxT is None:
         loss_mask_BxT = jnp.ones_like(tokens_BxT)
     depth = mtp_logits_DxBxTxV.shape[0]
     if normalizers_D is None:
         normalizers_D = count_targets(segment_ids_BxT, loss_mask_BxT, range(2, depth + 2))
-    losses = [_nll_sum(mtp_logits_DxBxTxV[k - 1][:, : -(k + 1)], tokens_BxT[:, k + 1:],
-                       target_mask(segment_ids_BxT, loss_mask_BxT, k + 1))
+
+    def weighted_targets(shift: int) -> jax.Array:
+        valid = target_mask(segment_ids_BxT, loss_mask_BxT, shift)
+        return valid if weight_BxT is None else valid * weight_BxT[:, shift:]
+
+    losses = [_nll_sum(mtp_logits_DxBxTxV[k - 1][:, : -(k + 1)], tokens_BxT[:, k + 1:], weighted_targets(k + 1))
               / jnp.maximum(normalizers_D[k - 1], 1) for k in range(1, depth + 1)]
     return jnp.mean(jnp.stack(losses))

@@ -41,7 +41,8 @@ STEP_TARGETS, STEP_MICROBATCHES = "step_targets", "step_microbatches"
 def lm_loss(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The language-model objective of pretraining and SFT: next-token cross-entropy over the
     targets `loss_mask` selects (plus `mtp_loss_weight` × DeepSeek-V3's MTP loss, eq. 24-25) over
-    the whole step's target counts, plus this microbatch's share of the MoE balance losses."""
+    the whole step's target counts, each target weighted by `loss_weight` when the batch has it
+    (a dataset record's weight), plus this microbatch's share of the MoE balance losses."""
     cfg = model.cfg
     microbatches = batch.get(STEP_MICROBATCHES, 1)
     normalizers = batch.get(STEP_TARGETS)
@@ -49,13 +50,14 @@ def lm_loss(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.
         normalizers = count_targets(batch["segment_ids"], batch["loss_mask"], range(1, cfg.mtp_depth + 2))
     logits, aux = model(batch["tokens"], segment_ids_BxT=batch["segment_ids"],
                         positions_BxT=batch["positions"])
+    weight_BxT = batch.get("loss_weight")
     ce = next_token_loss(logits, batch["tokens"], batch["segment_ids"], batch["loss_mask"],
-                         normalizers[0])
+                         normalizers[0], weight_BxT)
     loss = ce + aux["moe_aux_loss"] / microbatches
     metrics = {"ce": ce, "moe_aux_loss": aux["moe_aux_loss"] / microbatches}
     if "mtp_logits" in aux:
         mtp = mtp_loss(aux["mtp_logits"], batch["tokens"], batch["segment_ids"], batch["loss_mask"],
-                       normalizers[1:])
+                       normalizers[1:], weight_BxT)
         loss = loss + cfg.mtp_loss_weight * mtp
         metrics["mtp_loss"] = mtp
     if "router" in aux:

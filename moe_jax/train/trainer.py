@@ -1,7 +1,8 @@
 """Pretraining and SFT: `train(cfg, workdir)`, the language-model kind of run.
 
 Its parts: packed rows of the task stream (pretraining documents, or prompt/response pairs with
-the loss on the response when `loss_on_prompt` is off), the jitted train step minimising
+the loss on the response when `loss_on_prompt` is off) or of the dataset files `cfg.data` names
+(`moe_jax.data.records`), the jitted train step minimising
 `lm_loss` (or any `LossFn`), and the held-out loss and greedy accuracy. Everything else — the
 workdir, resume, SIGTERM, the NaN guard, metrics — is the run driver's (`moe_jax.train.driver`).
 """
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moe_jax.configs import flops_per_token
-from moe_jax.data.pipelines import packed_batches, task_examples
+from moe_jax.data.pipelines import packed_batches, record_examples, task_examples
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.train import driver
 from moe_jax.train.evaluation import Evaluator
@@ -29,9 +30,13 @@ def lm_run(loss_fn: LossFn = lm_loss) -> driver.BuildRun:
                                             microbatches=cfg.microbatches, mesh=mesh, rules=context.rules)
         eval_step = make_eval_step(context.model, loss_fn=loss_fn, mesh=mesh, rules=context.rules)
         local_rows = process_batch_slice(cfg.batch_size)
-        examples = task_examples(context.task, context.tokenizer, seed=cfg.seed, error_rate=cfg.error_rate,
-                                 template=cfg.template, loss_on_prompt=cfg.loss_on_prompt)
-        batches = iter(packed_batches(examples, seq_len=cfg.seq_len, seed=cfg.seed,
+        if cfg.data:
+            examples = record_examples(cfg.data, context.tokenizer, seq_len=cfg.seq_len,
+                                       loss_on_prompt=cfg.loss_on_prompt)
+        else:
+            examples = task_examples(context.task, context.tokenizer, seed=cfg.seed, error_rate=cfg.error_rate,
+                                     template=cfg.template, loss_on_prompt=cfg.loss_on_prompt)
+        batches = iter(packed_batches(examples, seq_len=cfg.seq_len, seed=cfg.seed, weighted=bool(cfg.data),
                                       batch_size=local_rows.stop - local_rows.start))
 
         def step(_, state):

@@ -52,7 +52,13 @@ def check_config(cfg: ExperimentConfig, workdir: str) -> None:
     """Refuse to mix runs: a saved `config.json` must agree with `cfg` (cadence and layout fields
     aside)."""
     saved = read_config(workdir)
-    differences = [] if saved is None else config_differences(saved, cfg.to_dict())
+    if saved is None:
+        return
+    try:  # a field added since the run was saved takes its default, as in `from_dict`
+        saved = type(cfg).from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        pass  # compared as saved: the differences name what no longer fits
+    differences = config_differences(saved, cfg.to_dict())
     if differences:
         raise ConfigConflictError(
             f"{workdir} holds a run with a different config:\n  " + "\n  ".join(differences)
