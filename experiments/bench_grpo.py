@@ -21,7 +21,7 @@ from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.trainer import grpo_run
 from moe_jax.train import driver
 
-BENCH_DEFAULTS = {"batch_size": 64, "group_size": 8, "max_new_tokens": 32, "seq_len": 48}
+BENCH_DEFAULTS = {"batch_size": 64, "sampling.samples_per_prompt": 8, "sampling.max_new_tokens": 32, "seq_len": 48}
 # The model TRL was timed with: 2 layers of d_model 128 (here with tiny-moe's MoE and MLA).
 MODEL_DEFAULTS = {"n_layers": 2, "d_model": 128}
 

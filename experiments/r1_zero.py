@@ -30,6 +30,8 @@ define_run_flags()
 flags.DEFINE_enum("recipe", "arithmetic", [*TASKS, *(f"r1-zero-{t}" for t in TASKS)],
                   "the R1-Zero recipe: its task and defaults (--config.* flags override them)")
 flags.DEFINE_integer("base_steps", None, "pretraining steps of the base model (default: the recipe's)")
+flags.DEFINE_float("base_error_rate", None, "share of flawed traces in the base model's corpus "
+                   "(default: the recipe's)")
 FLAGS = flags.FLAGS
 
 
@@ -43,8 +45,9 @@ def main(argv: list[str]) -> None:
                                         model_defaults=dict(recipe.model_fields))
     setup_from_flags()
     base_dir = os.path.join(FLAGS.workdir, "base")
-    run_and_report(train, r1_zero_base_config(rl, FLAGS.base_steps or recipe.base_steps), base_dir,
-                   mesh_spec=FLAGS.mesh)
+    base = r1_zero_base_config(rl, FLAGS.base_steps or recipe.base_steps,
+                               recipe.base_error_rate if FLAGS.base_error_rate is None else FLAGS.base_error_rate)
+    run_and_report(train, base, base_dir, mesh_spec=FLAGS.mesh)
     run_and_report(train_grpo, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
                    init_from=base_dir)
 

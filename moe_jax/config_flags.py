@@ -1,13 +1,16 @@
-"""absl flags for an `ExperimentConfig`, with ml_collections `config_flags` semantics:
-`--config=<model preset name | config.json>` picks the base, and `--config.<field>=<value>` /
-`--config.model.<field>=<value>` override any field, typed and validated.
+"""absl flags for a run config, with ml_collections `config_flags` semantics:
+`--config=<model preset name | config.json>` picks the base, and `--config.<path>=<value>`
+overrides any field of the config tree, to any depth (`--config.steps=5`,
+`--config.optimizer.learning_rate=1e-4`, `--config.sampling.temperature=0.7`,
+`--config.model.n_layers=4`), typed and validated.
 
-    config_flags.define_config_flags()
+    config_flags.define_config_flags(config_class=GRPOConfig)
     ...
     app.run(main, flags_parser=config_flags.parse_flags)   # unknown fields list the valid ones
-    cfg = config_flags.config_from_flags()                 # a bad value fails before anything runs
+    cfg = config_flags.config_from_flags(config_class=GRPOConfig)  # a bad value fails before anything runs
 
-Precedence: the script's defaults < the preset or file < the override flags.
+Precedence: the class's defaults < the recipe's < the preset or file < the override flags. A flag
+whose field moved (`--config.learning_rate`) fails naming its new path.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from absl import app, flags
 
 from moe_jax.configs import ModelConfig, get_preset, list_presets
-from moe_jax.train.experiment_config import RETIRED_FIELDS, ExperimentConfig, check_known
+from moe_jax.train import config_tree
+from moe_jax.train.experiment_config import ExperimentConfig, RunConfig
 
 _PREFIX = "config."
-_MODEL_PREFIX = "config.model."
+# The config class each FlagValues' --config flags were defined for (for parse_flags' messages).
+_DEFINED_FOR: dict[int, type[RunConfig]] = {}
 
 
 def _scalar_type(annotation) -> type:
@@ -40,29 +46,27 @@ def _scalar_type(annotation) -> type:
     return annotation
 
 
-def _override_fields(config_class: type[ExperimentConfig] = ExperimentConfig) -> dict[str, tuple[type, str]]:
-    """Flag name -> (type, help) for every experiment field and every model field."""
+def _override_fields(config_class: type[RunConfig]) -> dict[str, tuple[type, str]]:
+    """Flag name -> (type, help) for every scalar field of the config tree."""
     fields = {}
-    for cls, prefix in ((config_class, _PREFIX), (ModelConfig, _MODEL_PREFIX)):
-        hints = typing.get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            if field.name != "model":
-                kind = _scalar_type(hints[field.name])
-                fields[prefix + field.name] = (kind, f"override {cls.__name__}.{field.name} ({kind.__name__})")
+    for path, (owner, hint) in config_tree.leaf_fields(config_class).items():
+        kind = _scalar_type(hint)
+        fields[_PREFIX + path] = (kind, f"override {owner.__name__}.{path.rsplit('.', 1)[-1]} ({kind.__name__})")
     return fields
 
 
 def define_config_flags(default: str = "tiny-moe", flag_values: flags.FlagValues = flags.FLAGS, *,
-                        config_class: type[ExperimentConfig] = ExperimentConfig) -> None:
-    """Define `--config` and one override flag per field of `config_class` (e.g. `GRPOConfig`) and
-    of its model (unset overrides leave the base's)."""
+                        config_class: type[RunConfig] = ExperimentConfig) -> None:
+    """Define `--config` and one override flag per scalar field of `config_class`'s tree (unset
+    overrides leave the base's)."""
     flags.DEFINE_string("config", default, f"model preset ({', '.join(list_presets())}) or a JSON "
-                        "file: an experiment config (e.g. a workdir's config.json) or ModelConfig "
-                        "fields", flag_values=flag_values)
+                        "file: a run config (e.g. a workdir's config.json) or ModelConfig fields",
+                        flag_values=flag_values)
     definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
                 str: flags.DEFINE_string}
     for name, (kind, help_text) in _override_fields(config_class).items():
         definers[kind](name, None, help_text, flag_values=flag_values)
+    _DEFINED_FOR[id(flag_values)] = config_class
 
 
 def _unknown_config_flags(argv: list[str], known: set[str]) -> list[str]:
@@ -78,53 +82,78 @@ def _unknown_config_flags(argv: list[str], known: set[str]) -> list[str]:
     return unknown
 
 
+def _why_unknown(name: str, config_class: type[RunConfig] | None) -> str:
+    field = name.removeprefix(_PREFIX)
+    if config_class is not None and field in config_class.MOVED_FIELDS:
+        return f"{name}: moved, now --{_PREFIX}{config_class.MOVED_FIELDS[field]}\n"
+    if config_class is not None and field in config_class.RETIRED_FIELDS:
+        return f"{name}: removed, {config_class.RETIRED_FIELDS[field]}\n"
+    return ""
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-    """absl's parser, but an unknown `--config.<field>` is reported with the list of valid fields
-    (pass as `app.run(main, flags_parser=config_flags.parse_flags)`)."""
+    """absl's parser, but an unknown `--config.<path>` is reported with the valid fields of its
+    part (and, for a field that moved, its new path) (pass as
+    `app.run(main, flags_parser=config_flags.parse_flags)`)."""
     known = {name for name in flag_values if name.startswith(_PREFIX)}
     unknown = _unknown_config_flags(argv, known)
     if unknown:
-        prefix = _MODEL_PREFIX if all(u.startswith(_MODEL_PREFIX) for u in unknown) else _PREFIX
+        # The deepest part every unknown name is inside (e.g. "config.model."), else the whole tree.
+        parts = {u.rsplit(".", 1)[0] + "." for u in unknown}
+        prefix = parts.pop() if len(parts) == 1 else _PREFIX
+        if not any(name.startswith(prefix) for name in known):
+            prefix = _PREFIX
         valid = [name.removeprefix(_PREFIX) for name in flag_values if name.startswith(prefix)]
-        retired = [f"{name}: removed, {RETIRED_FIELDS[name.removeprefix(_PREFIX)]}\n" for name in unknown
-                   if name.removeprefix(_PREFIX) in RETIRED_FIELDS]
-        sys.stderr.write(f"FATAL Flags parsing error: unknown config field(s) {unknown}.\n{''.join(retired)}"
-                         f"Valid fields: {', '.join(valid)}\n")
+        config_class = _DEFINED_FOR.get(id(flag_values))
+        sys.stderr.write(f"FATAL Flags parsing error: unknown config field(s) {unknown}.\n"
+                         + "".join(_why_unknown(u, config_class) for u in unknown)
+                         + f"Valid fields: {', '.join(valid)}\n")
         sys.exit(1)
     return app.parse_flags_with_usage(argv)
 
 
-def load_base(name_or_path: str, defaults: dict[str, Any],
-              config_class: type[ExperimentConfig] = ExperimentConfig,
-              model_defaults: dict[str, Any] | None = None) -> ExperimentConfig:
-    """The script's `defaults` with a model preset by name (with `model_defaults` applied), or
-    updated from a JSON file that holds either an experiment config (`{"model": {...}, "steps":
-    ...}`) or bare ModelConfig fields (the file's model fields win over `model_defaults`)."""
-    model_defaults = model_defaults or {}
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def load_base(name_or_path: str, defaults: Mapping[str, Any], config_class: type[RunConfig] = ExperimentConfig,
+              model_defaults: Mapping[str, Any] | None = None) -> RunConfig:
+    """`config_class` with the script's `defaults` (paths or nested dicts) on a model preset by
+    name (with `model_defaults` applied), or updated from a JSON file that holds either a run
+    config (`{"model": {...}, "steps": ...}`, today's shape or an older flat one) or bare
+    ModelConfig fields (the file's model fields win over `model_defaults`)."""
+    model_defaults = dict(model_defaults or {})
     if not os.path.exists(name_or_path):
-        return config_class(model=dataclasses.replace(get_preset(name_or_path), **model_defaults), **defaults)
+        model = dataclasses.replace(get_preset(name_or_path), **model_defaults)
+        return config_tree.build(config_class, {**config_tree.nest(defaults), "model": model})
     with open(name_or_path) as f:
         fields = json.load(f)
     if "model" not in fields:
-        check_known(ModelConfig, fields)
+        config_tree.check_known(ModelConfig, fields)
         fields = {"model": fields}
-    return config_class.from_dict({**defaults, **fields, "model": {**model_defaults, **fields["model"]}})
+    file_tree = config_class.migrate(fields)
+    merged = {**_flatten(config_tree.nest(defaults)), **_flatten({"model": model_defaults}), **_flatten(file_tree)}
+    return config_class.from_dict(config_tree.nest(merged))
 
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
-                      defaults: dict[str, Any] | None = None,
-                      config_class: type[ExperimentConfig] = ExperimentConfig,
-                      model_defaults: dict[str, Any] | None = None) -> ExperimentConfig:
+                      defaults: Mapping[str, Any] | None = None,
+                      config_class: type[RunConfig] = ExperimentConfig,
+                      model_defaults: Mapping[str, Any] | None = None) -> RunConfig:
     """The base config with every set override flag applied and the result validated; a bad
     value is a usage error naming the field, raised before anything is built. `defaults` and
-    `model_defaults` are the script's (run and model fields, under the preset or file's)."""
+    `model_defaults` are the script's (run fields by path, and model fields, under the preset or
+    file's)."""
     overrides = {name.removeprefix(_PREFIX): flag_values[name].value for name in _override_fields(config_class)
                  if flag_values[name].present}
-    model_overrides = {k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")}
-    top_overrides = {k: v for k, v in overrides.items() if not k.startswith("model.")}
     try:
-        base = load_base(flag_values.config, defaults or {}, config_class, model_defaults)
-        model = dataclasses.replace(base.model, **model_overrides)
-        return dataclasses.replace(base, model=model, **top_overrides)
+        return config_tree.override(load_base(flag_values.config, defaults or {}, config_class, model_defaults),
+                                    overrides)
     except (KeyError, ValueError) as e:
         raise app.UsageError(str(e)) from e

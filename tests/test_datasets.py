@@ -17,7 +17,8 @@ from moe_jax.data.pipelines import packed_batches, record_examples
 from moe_jax.data.records import DatasetError, load_records, read_jsonl, write_array_record, write_jsonl
 from moe_jax.data.tasks import make_task
 from moe_jax.data.tokenizer import CharTokenizer
-from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.config_tree import override
+from moe_jax.train.experiment_config import CorpusConfig, ExperimentConfig, LoopConfig, OptimizerConfig
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.trainer import train
 
@@ -25,8 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = CharTokenizer()
 CFG = ExperimentConfig(
     model=dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_heads=2),
-    steps=6, batch_size=8, seq_len=96, learning_rate=3e-3, warmup_steps=1, eval_every=100,
-    checkpoint_every=2, eval_batches=0, eval_problems=2, eval_max_new_tokens=4, loss_on_prompt=False)
+    steps=6, batch_size=8, seq_len=96, optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
+    loop=LoopConfig(eval_every=100, checkpoint_every=2, eval_problems=2, eval_max_new_tokens=4),
+    corpus=CorpusConfig(eval_batches=0, loss_on_prompt=False))
 
 
 def _records(count=96):
@@ -84,7 +86,7 @@ def test_sft_resumes_mid_file_at_the_same_record(files, uninterrupted, kind, tmp
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    cfg = dataclasses.replace(CFG, data=files[kind], checkpoint_every=3)
+    cfg = override(CFG, {"data": files[kind], "loop.checkpoint_every": 3})
     workdir = str(tmp_path / "resumed")
     assert train(cfg, workdir, hooks=[sigterm_at_step_3])["status"] == "preempted"
     assert train(cfg, workdir)["status"] == "finished"

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import pytest
 from absl import app, flags
 
 from moe_jax import config_flags
-from moe_jax.configs import get_preset
+from moe_jax.configs import ModelConfig, get_preset
 from moe_jax.train.experiment_config import ExperimentConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,13 +25,13 @@ def test_config_overrides_apply_typed_values():
     cfg = config_flags.config_from_flags(_parse(
         ["--config=tiny-moe", "--config.model.top_k=3", "--config.model.moe_dispatch=capacity",
          "--config.model.capacity_factor=2.0", "--config.model.norm_topk_prob=false",
-         "--config.model.n_kv_heads=2", "--config.steps=7", "--config.learning_rate=1e-4",
-         "--noconfig.loss_on_prompt"]))
+         "--config.model.n_kv_heads=2", "--config.steps=7", "--config.optimizer.learning_rate=1e-4",
+         "--noconfig.corpus.loss_on_prompt"]))
     model = cfg.model
     assert (model.top_k, model.moe_dispatch, model.capacity_factor, model.norm_topk_prob) == (
         3, "capacity", 2.0, False)
     assert model.n_kv_heads == 2 and model.n_routed_experts == get_preset("tiny-moe").n_routed_experts
-    assert (cfg.steps, cfg.learning_rate, cfg.loss_on_prompt) == (7, 1e-4, False)
+    assert (cfg.steps, cfg.optimizer.learning_rate, cfg.corpus.loss_on_prompt) == (7, 1e-4, False)
 
 
 def test_script_defaults_then_preset_or_file_then_flags(tmp_path):
@@ -99,3 +100,55 @@ def test_demo_runs_and_reports_json():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["logits_shape"] == [2, 16, 256]
     assert len(report["max_vio_per_moe_layer"]) == 3  # 2 MoE layers + the MTP block
+
+
+@dataclasses.dataclass(frozen=True)
+class _Teacher:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithTeacher(ExperimentConfig):
+    """A config three levels deep, the shape the distillation runs will have."""
+
+    teacher: _Teacher = dataclasses.field(default_factory=_Teacher)
+
+
+def test_flags_reach_nested_parts_three_levels_deep():
+    flag_values = flags.FlagValues()
+    config_flags.define_config_flags(flag_values=flag_values, config_class=_WithTeacher)
+    flag_values(["prog", "--config.teacher.model.n_layers=4", "--config.teacher.temperature=2.0",
+                 "--config.optimizer.clip_norm=0.5"])
+    cfg = config_flags.config_from_flags(flag_values, config_class=_WithTeacher)
+    assert (cfg.teacher.model.n_layers, cfg.teacher.temperature, cfg.optimizer.clip_norm) == (4, 2.0, 0.5)
+    assert cfg.teacher.model.d_model == ModelConfig().d_model and cfg.model == get_preset("tiny-moe")
+    assert _WithTeacher.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(app.UsageError, match="ModelConfig.n_layers"):
+        bad = flags.FlagValues()
+        config_flags.define_config_flags(flag_values=bad, config_class=_WithTeacher)
+        bad(["prog", "--config.teacher.model.n_layers=0"])
+        config_flags.config_from_flags(bad, config_class=_WithTeacher)
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("--config.learning_rate=1e-3", "config.learning_rate: moved, now --config.optimizer.learning_rate"),
+    ("--config.eval_every=5", "config.eval_every: moved, now --config.loop.eval_every"),
+    ("--config.log_every=5", "config.log_every: removed, it was read by nothing"),
+])
+def test_a_flag_whose_field_moved_names_its_new_path(flag, says, capsys):
+    with pytest.raises(SystemExit):
+        config_flags.parse_flags(["prog", flag], _parse([]))
+    assert says in capsys.readouterr().err
+
+
+def test_an_old_flat_grpo_config_json_loads_into_the_parts():
+    from moe_jax.rl.config import GRPOConfig
+
+    old = {"model": dataclasses.asdict(get_preset("tiny-moe")), "steps": 40, "learning_rate": 2e-4,
+           "group_size": 4, "temperature": 0.7, "loss_type": "dr_grpo", "eval_every": 10, "error_rate": 0.7,
+           "accuracy_weight": 1.0, "format_weight": 0.5, "log_every": 5, "eval_batches": 0}
+    cfg = GRPOConfig.from_dict(old)
+    assert (cfg.optimizer.learning_rate, cfg.sampling.samples_per_prompt, cfg.sampling.temperature,
+            cfg.loss.loss_type, cfg.loop.eval_every, cfg.rewards) == (2e-4, 4, 0.7, "dr_grpo", 10,
+                                                                       "accuracy=1.0,format=0.5")

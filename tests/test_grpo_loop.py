@@ -9,16 +9,20 @@ import numpy as np
 import pytest
 
 from moe_jax.configs import get_preset
-from moe_jax.rl.config import GRPOConfig
+from moe_jax.models.sampler import SamplingConfig
+from moe_jax.rl.config import GRPOConfig, GRPOLoss
 from moe_jax.train.checkpoint import Checkpointer
+from moe_jax.train.config_tree import override
+from moe_jax.train.experiment_config import LoopConfig, OptimizerConfig
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.workdir import CHECKPOINT_DIR
 
 CFG = GRPOConfig(model=dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_heads=2),
-                 steps=2, batch_size=16, group_size=4, seq_len=40, max_new_tokens=16,
-                 learning_rate=1e-3, warmup_steps=1, eval_every=2, checkpoint_every=1, eval_batches=0,
-                 eval_problems=8, eval_max_new_tokens=16, num_iterations=2, minibatches=2, beta=0.04,
-                 epsilon_high=0.28, overlong_buffer=4, mask_truncated_completions=True)
+                 steps=2, batch_size=16, seq_len=40, sampling=SamplingConfig(samples_per_prompt=4, max_new_tokens=16),
+                 optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=1, weight_decay=0.1),
+                 loop=LoopConfig(eval_every=2, checkpoint_every=1, eval_problems=8, eval_max_new_tokens=16),
+                 loss=GRPOLoss(num_iterations=2, minibatches=2, beta=0.04, epsilon_high=0.28, overlong_buffer=4,
+                               mask_truncated_completions=True))
 
 TRL_NAMES = {"reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean", "frac_reward_zero_std",
              "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy",
@@ -60,7 +64,7 @@ def test_preempted_and_resumed_grpo_equals_uninterrupted_with_the_same_kl_refere
     from moe_jax.rl.trainer import train_grpo
 
     source = finished_run[0]
-    cfg = dataclasses.replace(CFG, eval_every=10, eval_problems=1)
+    cfg = override(CFG, {"loop.eval_every": 10, "loop.eval_problems": 1})
     straight = train_grpo(cfg, str(tmp_path / "straight"), init_from=source)
 
     def sigterm_at_step_1(step, state):

@@ -11,16 +11,18 @@ from flax import nnx
 
 from moe_jax.configs import get_preset
 from moe_jax.models import Transformer
-from moe_jax.models.sampler import jit_generate
+from moe_jax.models.sampler import SamplingConfig, jit_generate
 from moe_jax.parallel import init_sharded, make_mesh
+from moe_jax.rl.config import GRPOLoss
 from moe_jax.rl.grpo import group_advantages
 from moe_jax.rl.policy import completion_width, rollout_rows
-from moe_jax.rl.step import GRPOLoss, make_grpo_step
+from moe_jax.rl.step import make_grpo_step
 from moe_jax.train.optimizer import make_optimizer
 
 CFG = dataclasses.replace(get_preset("tiny-moe"), n_layers=2, moe_dispatch="dense")
 G, N = 4, 8
-LOSS = GRPOLoss(loss_type="dapo", num_iterations=2, minibatches=2, beta=0.0, group_size=G)
+LOSS = GRPOLoss(loss_type="dapo", num_iterations=2, minibatches=2, beta=0.0)
+SAMPLING = SamplingConfig(samples_per_prompt=G, max_new_tokens=N)
 
 
 def _model_and_optimizer():
@@ -44,7 +46,7 @@ def rollout():
 
 def _run(mesh, rollout, steps=2):
     model, optimizer = init_sharded(_model_and_optimizer, mesh) if mesh else _model_and_optimizer()
-    step, state = make_grpo_step(model, optimizer, LOSS, mesh=mesh)
+    step, state = make_grpo_step(model, optimizer, LOSS, sampling=SAMPLING, mesh=mesh)
     history = []
     for _ in range(steps):
         state, metrics = step(state, rollout)
@@ -67,7 +69,7 @@ def test_two_steps_on_eight_devices_equal_one_device(rollout):
 def test_first_update_is_on_policy(rollout):
     single = dataclasses.replace(LOSS, num_iterations=1, minibatches=1)
     model, optimizer = _model_and_optimizer()
-    step, state = make_grpo_step(model, optimizer, single)
+    step, state = make_grpo_step(model, optimizer, single, sampling=SAMPLING)
     _, metrics = step(state, rollout)
     assert float(metrics["clip_ratio/region_mean"]) == 0.0
     assert float(metrics["grad_norm"]) > 0
@@ -76,7 +78,7 @@ def test_first_update_is_on_policy(rollout):
 def test_routing_replay_matches_on_policy_and_runs_the_inner_updates(rollout):
     def run(loss):
         model, optimizer = _model_and_optimizer()
-        step, state = make_grpo_step(model, optimizer, loss)
+        step, state = make_grpo_step(model, optimizer, loss, sampling=SAMPLING)
         return jax.device_get(step(state, rollout)[1])
 
     single = dataclasses.replace(LOSS, num_iterations=1, minibatches=1)
@@ -98,8 +100,9 @@ def test_microbatch_accumulation_gives_the_same_update(rollout, loss_type):
     def run(microbatches):  # a one-layer dense policy: the accumulation does not depend on MoE
         model = Transformer(dataclasses.replace(get_preset("tiny-dense"), n_layers=1), rngs=nnx.Rngs(0))
         optimizer = nnx.Optimizer(model, make_optimizer(1e-3, warmup_steps=1, total_steps=10), wrt=nnx.Param)
-        loss = GRPOLoss(loss_type=loss_type, beta=0.0, microbatches=microbatches)
-        step, state = make_grpo_step(model, optimizer, loss)
+        loss = GRPOLoss(loss_type=loss_type, beta=0.0)
+        step, state = make_grpo_step(model, optimizer, loss, sampling=SamplingConfig(max_new_tokens=N),
+                                     microbatches=microbatches)
         state, metrics = step(state, rollout)
         return jax.device_get(nnx.to_pure_dict(state[0])), jax.device_get(metrics)
 
@@ -123,11 +126,12 @@ def test_padding_columns_past_every_completion_change_nothing(rollout, loss_type
               "segment_ids": jnp.pad(rollout["segment_ids"], ((0, 0), (0, extra))),
               "mask": jnp.pad(rollout["mask"], ((0, 0), (0, extra))),
               "old_logp": jnp.pad(rollout["old_logp"], ((0, 0), (0, extra)))}
-    loss = dataclasses.replace(LOSS, loss_type=loss_type, max_completion_length=N + extra)
+    loss = dataclasses.replace(LOSS, loss_type=loss_type)
+    sampling = dataclasses.replace(SAMPLING, max_new_tokens=N + extra)
 
     def run(batch):
         model, optimizer = _model_and_optimizer()
-        step, state = make_grpo_step(model, optimizer, loss)
+        step, state = make_grpo_step(model, optimizer, loss, sampling=sampling)
         state, metrics = step(state, batch)
         return jax.device_get(nnx.to_pure_dict(state[0])), jax.device_get(metrics)
 

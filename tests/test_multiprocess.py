@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from moe_jax.configs import get_preset
-from moe_jax.rl.config import GRPOConfig
+from moe_jax.models.sampler import SamplingConfig
+from moe_jax.rl.config import GRPOConfig, GRPOLoss
 from moe_jax.train.checkpoint import Checkpointer
-from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.experiment_config import CorpusConfig, ExperimentConfig, LoopConfig, OptimizerConfig
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.workdir import CHECKPOINT_DIR
 
@@ -26,13 +27,15 @@ MODEL = dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_he
 # A base that writes the template (greedy format 1.0, accuracy 0): sampled completions then earn
 # different rewards, so the advantages and their "batch" scaling matter (the test fails if the
 # scaling uses one process's rewards only).
-BASE = ExperimentConfig(model=MODEL, steps=300, batch_size=16, seq_len=80, learning_rate=3e-3, warmup_steps=10,
-                        eval_every=300, checkpoint_every=300, eval_batches=0, eval_problems=16,
-                        eval_max_new_tokens=56)
-CFG = GRPOConfig(model=MODEL, steps=2, batch_size=16, group_size=4, seq_len=80, max_new_tokens=56,
-                 learning_rate=1e-3, warmup_steps=1, eval_every=2, checkpoint_every=2, eval_batches=0,
-                 eval_problems=8, eval_max_new_tokens=56, num_iterations=2, scale_rewards="batch",
-                 beta=0.04)
+BASE = ExperimentConfig(model=MODEL, steps=300, batch_size=16, seq_len=80,
+                        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=10),
+                        loop=LoopConfig(eval_every=300, checkpoint_every=300, eval_problems=16, eval_max_new_tokens=56),
+                        corpus=CorpusConfig(eval_batches=0))
+CFG = GRPOConfig(model=MODEL, steps=2, batch_size=16, seq_len=80,
+                 sampling=SamplingConfig(samples_per_prompt=4, max_new_tokens=56),
+                 optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=1, weight_decay=0.1),
+                 loop=LoopConfig(eval_every=2, checkpoint_every=2, eval_problems=8, eval_max_new_tokens=56),
+                 loss=GRPOLoss(num_iterations=2, scale_rewards="batch", beta=0.04))
 COMPARED = ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "grad_norm", "entropy",
             "completions/mean_length", "clip_ratio/region_mean")
 
@@ -96,9 +99,9 @@ def test_two_processes_equal_one(tmp_path):
 def test_two_process_pretraining_runs_and_saves(tmp_path):
     """The pretraining loop on two processes: each packs its own share of the stream (so the
     batches, unlike GRPO's, depend on the process count); it must train, evaluate and checkpoint."""
-    config = ExperimentConfig(model=MODEL, steps=2, batch_size=8, seq_len=48, warmup_steps=1,
-                              eval_every=2, checkpoint_every=2, eval_batches=1, eval_problems=4,
-                              eval_max_new_tokens=8)
+    config = ExperimentConfig(model=MODEL, steps=2, batch_size=8, seq_len=48,
+                              optimizer=OptimizerConfig(warmup_steps=1), corpus=CorpusConfig(eval_batches=1),
+                              loop=LoopConfig(eval_every=2, checkpoint_every=2, eval_problems=4, eval_max_new_tokens=8))
     config_path = tmp_path / "config.json"
     config_path.write_text(config.to_json())
     coordinator = f"--coordinator_address=localhost:{_free_port()}"

@@ -23,7 +23,7 @@ from moe_jax.parallel import (
     use_mesh,
 )
 from moe_jax.train.driver import init_model_and_optimizer
-from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.experiment_config import ExperimentConfig, OptimizerConfig
 from moe_jax.train.step import make_train_step
 
 MLA_MOE = get_preset("tiny-moe")
@@ -60,7 +60,7 @@ def test_config_rules_shard_the_training_state(single_device):
     `embed=None` the embedding-dimension shards go (FSDP off), the step keeps that layout, and its
     loss and gradient norm are one device's."""
     tokens, _ = single_device
-    cfg = ExperimentConfig(model=MLA_MOE, sharding_rules="embed=None", learning_rate=1e-3)
+    cfg = ExperimentConfig(model=MLA_MOE, sharding_rules="embed=None", optimizer=OptimizerConfig(learning_rate=1e-3))
     mesh = make_mesh("fsdp=2,expert=2,tensor=2")
     model, optimizer = init_model_and_optimizer(cfg, mesh)
     assert model.blocks[1].ffn.w_gate[...].sharding.spec == jax.P("expert", None, "tensor")

@@ -33,21 +33,21 @@ def test_flags_override_a_recipe():
 def test_a_notebook_grpo_config_has_grpo_defaults_not_pretraining_ones():
     assert GRPOConfig(model=get_preset("tiny-moe")) == get_recipe("grpo").config()
     rl, pretraining = GRPOConfig(), ExperimentConfig()
-    assert (rl.learning_rate, rl.batch_size, rl.steps, rl.eval_batches) == (1e-4, 128, 100, 0)
-    assert (pretraining.learning_rate, pretraining.batch_size) == (3e-3, 16)
+    assert (rl.optimizer.learning_rate, rl.batch_size, rl.steps, rl.loop.eval_every) == (1e-4, 128, 100, 20)
+    assert (pretraining.optimizer.learning_rate, pretraining.batch_size) == (3e-3, 16)
 
 
 def test_sft_recipe_puts_the_loss_on_responses_of_clean_traces():
     sft = get_recipe("sft").config()
-    assert (sft.loss_on_prompt, sft.error_rate, sft.learning_rate) == (False, 0.0, 1e-3)
+    assert (sft.corpus.loss_on_prompt, sft.corpus.error_rate, sft.optimizer.learning_rate) == (False, 0.0, 1e-3)
 
 
 def test_r1_zero_base_shares_the_rl_task_and_model():
     recipe = get_recipe("r1-zero-countdown")
     rl = recipe.config()
-    base = r1_zero_base_config(rl, recipe.base_steps)
-    assert (base.model, base.task, base.task_options, base.seed, base.steps) == (
-        rl.model, rl.task, rl.task_options, rl.seed, 3000)
+    base = r1_zero_base_config(rl, recipe.base_steps, recipe.base_error_rate)
+    assert (base.model, base.task, base.task_options, base.seed, base.steps, base.corpus.error_rate) == (
+        rl.model, rl.task, rl.task_options, rl.seed, 3000, 0.2)
     assert recipes_for(GRPOConfig) == ["grpo", "r1-zero-arithmetic", "r1-zero-countdown"]
     with pytest.raises(KeyError, match="known recipes: pretrain, sft"):
         get_recipe("r1")

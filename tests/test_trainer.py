@@ -16,7 +16,8 @@ import pytest
 
 from moe_jax.configs import get_preset
 from moe_jax.train.checkpoint import Checkpointer
-from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.config_tree import override
+from moe_jax.train.experiment_config import CorpusConfig, ExperimentConfig, LoopConfig, OptimizerConfig
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.trainer import train
 from moe_jax.train.workdir import CHECKPOINT_DIR, ConfigConflictError, check_config
@@ -25,8 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough to compile in seconds; 8 rows so the 8 simulated devices each hold one.
 CFG = ExperimentConfig(
     model=dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_heads=2),
-    steps=8, batch_size=8, seq_len=48, learning_rate=3e-3, warmup_steps=2, eval_every=4,
-    checkpoint_every=3, eval_batches=1, eval_problems=4, eval_max_new_tokens=8)
+    steps=8, batch_size=8, seq_len=48, optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+    loop=LoopConfig(eval_every=4, checkpoint_every=3, eval_problems=4, eval_max_new_tokens=8),
+    corpus=CorpusConfig(eval_batches=1))
 
 
 def _losses(workdir):
@@ -76,7 +78,8 @@ def test_run_writes_config_metrics_events_plot_and_checkpoints(uninterrupted):
 
 KILL_SCRIPT = """
 import os, signal, sys
-from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.config_tree import override
+from moe_jax.train.experiment_config import CorpusConfig, ExperimentConfig, LoopConfig, OptimizerConfig
 from moe_jax.train.trainer import train
 
 def kill_at_step_7(step, state):
@@ -113,9 +116,12 @@ def test_sigterm_saves_and_exits_then_rerun_finishes(tmp_path):
     assert (result["status"], result["step"]) == ("preempted", 4)
     assert Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=1).latest_step() == 4
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
-    # As an older version wrote it: without the fields added since, with one retired since.
-    old = {k: v for k, v in CFG.to_dict().items() if k not in ("data", "sharding_rules")}
-    pathlib.Path(workdir, "config.json").write_text(json.dumps({**old, "log_every": 20}))
+    # As an older version wrote it: flat (before the optimizer, loop and corpus parts), without
+    # the fields added since, with one retired since.
+    nested = CFG.to_dict()
+    old = {**{k: v for k, v in nested.items() if k not in ("optimizer", "loop", "corpus", "data", "sharding_rules")},
+           **nested["optimizer"], **nested["loop"], **nested["corpus"], "log_every": 20}
+    pathlib.Path(workdir, "config.json").write_text(json.dumps(old))
     result = train(CFG, workdir)
     assert (result["status"], result["step"]) == ("finished", CFG.steps)
     assert sorted(_losses(workdir)) == list(range(1, CFG.steps + 1))
@@ -126,7 +132,7 @@ def test_sigterm_saves_and_exits_then_rerun_finishes(tmp_path):
 
 def test_nan_loss_stops_and_never_checkpoints_nan(tmp_path):
     workdir = str(tmp_path / "nan")
-    cfg = dataclasses.replace(CFG, learning_rate=1e30, warmup_steps=0, checkpoint_every=1)
+    cfg = override(CFG, {"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0, "loop.checkpoint_every": 1})
     with pytest.raises(FloatingPointError, match="loss is nan|loss is inf|grad_norm"):
         train(cfg, workdir)
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=1)
@@ -139,12 +145,12 @@ def test_nan_loss_stops_and_never_checkpoints_nan(tmp_path):
 def test_conflicting_config_is_refused_but_cadence_and_layout_may_change(tmp_path):
     workdir = str(tmp_path)
     (tmp_path / "config.json").write_text(CFG.to_json())
-    layout_and_cadence = {"eval_every": 2, "checkpoint_every": 5, "sharding_rules": "embed=None"}
-    check_config(dataclasses.replace(CFG, **layout_and_cadence), workdir)
+    layout_and_cadence = {"loop.eval_every": 2, "loop.checkpoint_every": 5, "sharding_rules": "embed=None"}
+    check_config(override(CFG, layout_and_cadence), workdir)
     saved_before_the_field = {k: v for k, v in CFG.to_dict().items() if k != "sharding_rules"}
     (tmp_path / "config.json").write_text(json.dumps(saved_before_the_field))
     check_config(CFG, workdir)
-    other = dataclasses.replace(CFG, learning_rate=1e-3, model=dataclasses.replace(CFG.model, top_k=1))
+    other = override(CFG, {"optimizer.learning_rate": 1e-3, "model.top_k": 1})
     with pytest.raises(ConfigConflictError) as error:
         train(other, workdir)
     assert "learning_rate: 0.003 (saved) -> 0.001" in str(error.value)
@@ -157,9 +163,10 @@ def test_sft_init_from_starts_at_the_weights_of_another_run(uninterrupted, confi
     workdir = str(tmp_path / "sft")
     out = subprocess.run(
         [sys.executable, "experiments/sft.py", f"--workdir={workdir}", f"--config={config_file}",
-         f"--init_from={uninterrupted[0]}", "--config.steps=1", "--config.eval_every=1",
-         "--config.learning_rate=1e-9", "--config.warmup_steps=0", "--config.model.router_bias_rate=0",
-         "--config.loss_on_prompt=true", f"--config.error_rate={CFG.error_rate}"],
+         f"--init_from={uninterrupted[0]}", "--config.steps=1", "--config.loop.eval_every=1",
+         "--config.optimizer.learning_rate=1e-9", "--config.optimizer.warmup_steps=0",
+         "--config.model.router_bias_rate=0", "--config.corpus.loss_on_prompt=true",
+         f"--config.corpus.error_rate={CFG.corpus.error_rate}"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])

@@ -12,6 +12,9 @@ the whole rollout is a single XLA program.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +23,37 @@ from moe_jax.models.transformer import Transformer
 
 GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "eos_id", "pad_id", "temperature", "top_p", "top_k",
                             "group_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are drawn — one setting shared by the GRPO loop, the evaluator (greedy:
+    temperature 0) and rejection sampling: `generate(..., **sampling.generate_kwargs())`."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    max_new_tokens: int = 64
+    samples_per_prompt: int = 1  # GRPO's group size G
+
+    def __post_init__(self) -> None:
+        def fail(field: str, problem: str, fix: str) -> None:
+            raise ValueError(f"SamplingConfig.{field}: {problem}. Fix: {fix}")
+
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            fail("temperature", f"must be a finite number >= 0, got {self.temperature}", "use e.g. 1.0, or 0 for greedy")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", f"must lie in (0, 1], got {self.top_p}", "use 1.0 for no nucleus cut")
+        if self.top_k < 0:
+            fail("top_k", f"must be >= 0, got {self.top_k}", "use 0 for no limit")
+        for name in ("max_new_tokens", "samples_per_prompt"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be >= 1, got {getattr(self, name)}", "use a positive value")
+
+    def generate_kwargs(self) -> dict[str, float | int]:
+        """The sampling keywords of `generate` (rows of a group share their prompt)."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "group_size": self.samples_per_prompt}
 
 
 def sampling_logits(logits_BxV: jax.Array, temperature: float, top_p: float, top_k: int = 0) -> jax.Array:

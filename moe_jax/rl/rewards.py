@@ -1,6 +1,10 @@
 """Rule-based rewards (DeepSeek-R1 §2.2.2): an accuracy reward from the task's verifier and a format
 reward for the `<think>…</think><answer>…</answer>` template, combined with weights.
 
+Rewards are a registry by name (`REWARD_FUNCTIONS`): a new reward is one function under
+`@register_reward("name")`, and a run weighs the ones it wants by name
+(`GRPOConfig.rewards = "accuracy=1.0,format=0.1"`).
+
 Model text is only ever *parsed*, never executed: the template is matched by a linear-time regex
 (`moe_jax.data.template.parse_completion`), arithmetic answers by an integer regex, countdown answers
 by the bounded recursive-descent evaluator of `moe_jax.data.expression` (numbers, + − × ÷ and
@@ -11,6 +15,7 @@ model text: anything malformed scores 0, and a completion longer than `MAX_COMPL
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +39,42 @@ def _scorable(completion: str) -> bool:
     return isinstance(completion, str) and len(completion) <= MAX_COMPLETION_CHARS
 
 
+REWARD_FUNCTIONS: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """`@register_reward("name")` puts a `(task, problem, completion) -> float` in the registry."""
+    if name == "total":
+        raise ValueError("'total' is the weighted sum; name the reward something else")
+
+    def register(fn: RewardFn) -> RewardFn:
+        REWARD_FUNCTIONS[name] = fn
+        return fn
+
+    return register
+
+
+def parse_reward_weights(text: str) -> dict[str, float]:
+    """`"accuracy=1.0,format=0.1"` -> `{"accuracy": 1.0, "format": 0.1}`, every name registered
+    and every weight a finite number."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        try:
+            weight = float(value) if sep else math.nan
+        except ValueError:
+            weight = math.nan
+        if name not in REWARD_FUNCTIONS:
+            raise ValueError(f"unknown reward {name!r}. Fix: use registered rewards: {sorted(REWARD_FUNCTIONS)}")
+        if not math.isfinite(weight):
+            raise ValueError(f"bad weight in {part!r}. Fix: write name=weight pairs, e.g. 'accuracy=1.0,format=0.1'")
+        weights[name] = weight
+    if not weights:
+        raise ValueError("no rewards. Fix: weigh at least one, e.g. 'accuracy=1.0'")
+    return weights
+
+
+@register_reward("accuracy")
 def accuracy_reward(task: Task, problem: Problem, completion: str) -> float:
     """1.0 when the completion follows the template and its answer passes the task's verifier
     (`Task.verify`: the answer is parsed, never executed), else 0.0."""
@@ -53,10 +94,7 @@ def format_reward(completion: str) -> float:
     return 1.0 if parse_completion(completion).format_ok else 0.0
 
 
-REWARD_FUNCTIONS: Mapping[str, RewardFn] = {
-    "accuracy": accuracy_reward,
-    "format": lambda task, problem, completion: format_reward(completion),
-}
+register_reward("format")(lambda task, problem, completion: format_reward(completion))
 
 
 def combined_rewards(task: Task, problems: Sequence[Problem], completions: Sequence[str],

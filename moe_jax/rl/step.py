@@ -11,7 +11,6 @@ The generation batch (`rollout`) holds, for B = prompts × G completions:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -20,7 +19,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moe_jax.models import Transformer
+from moe_jax.models.sampler import SamplingConfig
 from moe_jax.parallel.rules import Rules
+from moe_jax.rl.config import GRPOLoss
 from moe_jax.rl.grpo import policy_loss
 from moe_jax.rl.policy import completion_logprobs
 from moe_jax.train.step import ROUTER_LOAD, accumulated_update, jit_over_mesh
@@ -28,33 +29,14 @@ from moe_jax.train.step import ROUTER_LOAD, accumulated_update, jit_over_mesh
 Rollout = dict[str, jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
-class GRPOLoss:
-    """The knobs of the policy loss and of the distribution the completions were sampled from."""
-
-    loss_type: str = "dapo"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    beta: float = 0.0
-    importance_sampling_level: str = "token"
-    max_completion_length: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_iterations: int = 1  # μ
-    minibatches: int = 1  # optimizer updates per pass over the generation batch
-    microbatches: int = 1  # gradient accumulation: scans per minibatch (memory, not maths)
-    routing_replay: bool = False  # MoE: every update reuses the experts the old policy chose
-    # Rows [g·G, (g+1)·G) share a prompt: each prompt runs once for its G completions (the same
-    # numbers, less work; `policy.shared_prompt_forward`). 1 runs every row in full.
-    group_size: int = 1
-
-
 def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss, *,
-                   mesh: Mesh | None = None, rules: Rules | None = None
+                   sampling: SamplingConfig, microbatches: int = 1, mesh: Mesh | None = None,
+                   rules: Rules | None = None
                    ) -> tuple[Callable[[nnx.State, Rollout], tuple[nnx.State, dict]], nnx.State]:
     """(jitted `step(state, rollout) -> (state, metrics)`, initial state); metrics are means over
-    the μ × minibatches updates."""
+    the μ × minibatches updates. `sampling` is the distribution the completions were drawn from
+    (the ratio's denominator), its `samples_per_prompt` the rows that share a prompt;
+    `microbatches` scans accumulate each update's gradient (memory, not maths)."""
     graphdef, state = nnx.split((model, optimizer))
     updates = loss.num_iterations * loss.minibatches
 
@@ -64,34 +46,34 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
         # mean token count of one minibatch, so every update sees the same scale.
         dapo_normalizer = jnp.maximum(rollout["mask"].sum(), 1) / loss.minibatches
         if loss.routing_replay and model.cfg.is_moe:
-            rollout = {**rollout, "routing": _record_routing(nnx.merge(graphdef, state)[0], rollout, loss)}
+            rollout = {**rollout, "routing": _record_routing(nnx.merge(graphdef, state)[0], rollout, sampling)}
         minibatches = jax.tree.map(lambda x: x.reshape(loss.minibatches, -1, *x.shape[1:]), rollout)
 
         def chunk_loss(policy: Transformer, chunk: Rollout) -> tuple[jax.Array, dict]:
             """This microbatch's share of its minibatch's loss (`chunk["weight"]`: `_chunk_weight`)."""
             logp, entropy, aux = completion_logprobs(
                 policy, chunk["tokens"], chunk["segment_ids"], n_completion,
-                temperature=loss.temperature, top_p=loss.top_p, top_k=loss.top_k,
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                 routing_LxBxSxK=chunk["routing"].swapaxes(0, 1) if "routing" in chunk else None,
-                group_size=_shared_prompt_group(loss, chunk["tokens"].shape[0]))
+                group_size=_shared_prompt_group(sampling, chunk["tokens"].shape[0]))
             value, metrics = policy_loss(
                 logp, chunk["old_logp"], chunk["advantages"], chunk["mask"],
-                loss_type=loss.loss_type, epsilon=loss.epsilon, epsilon_high=loss.epsilon_high,
+                loss_type=loss.loss_type, epsilon=loss.epsilon, epsilon_high=loss.epsilon_high or None,
                 beta=loss.beta, ref_logp_BxT=chunk.get("ref_logp"),
                 importance_sampling_level=loss.importance_sampling_level,
-                max_completion_length=loss.max_completion_length,
+                max_completion_length=sampling.max_new_tokens,
                 normalizer=dapo_normalizer if loss.loss_type == "dapo" else None, entropy_BxT=entropy)
             weight = chunk["weight"]
             metrics = {**metrics, "policy_loss": weight * value, "moe_aux_loss": aux["moe_aux_loss"]}
             if "router" in aux:
                 metrics["maxvio"] = aux["router"]["max_vio"]
                 metrics[ROUTER_LOAD] = aux["router"]["load"]
-            return weight * value + aux["moe_aux_loss"] / loss.microbatches, metrics
+            return weight * value + aux["moe_aux_loss"] / microbatches, metrics
 
         def update(state, index):
             model, optimizer = nnx.merge(graphdef, state)
             minibatch = jax.tree.map(lambda x: x[index % loss.minibatches], minibatches)
-            chunks = jax.tree.map(lambda x: x.reshape(loss.microbatches, -1, *x.shape[1:]), minibatch)
+            chunks = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), minibatch)
             chunks["weight"] = _chunk_weight(loss, chunks["mask"])
             metrics = accumulated_update(model, optimizer, chunk_loss, chunks)
             # Chunk means, except the loss: its chunks' shares add up to the minibatch's loss.
@@ -119,23 +101,25 @@ def _chunk_weight(loss: GRPOLoss, mask_CxBxT: jax.Array) -> jax.Array:
     return jnp.full((chunks,), 1.0 / chunks, jnp.float32)
 
 
-def _shared_prompt_group(loss: GRPOLoss, rows: int) -> int:
-    """The group size to share prompts over in a forward of `rows` rows: `loss.group_size` when
-    the rows hold whole groups (a minibatch or microbatch split inside a group runs rows in full)."""
-    return loss.group_size if rows % loss.group_size == 0 else 1
+def _shared_prompt_group(sampling: SamplingConfig, rows: int) -> int:
+    """The group size to share prompts over in a forward of `rows` rows: `samples_per_prompt`
+    when the rows hold whole groups (a minibatch or microbatch split inside a group runs rows in
+    full)."""
+    group_size = sampling.samples_per_prompt
+    return group_size if rows % group_size == 0 else 1
 
 
-def _record_routing(model: Transformer, rollout: Rollout, loss: GRPOLoss) -> jax.Array:
+def _record_routing(model: Transformer, rollout: Rollout, sampling: SamplingConfig) -> jax.Array:
     """The main MoE layers' expert choices `[B, L, S, K]` for the rollout under the current (old)
     policy — GSPO §5's routing replay: the μ inner updates route every token as the policy that
     produced the old log-probs did, so the ratio compares the same sub-networks. (Recorded by
     the scoring forward itself, prompts shared; the unused log-probs are compiled away.)"""
     _, _, aux = completion_logprobs(model, rollout["tokens"], rollout["segment_ids"], rollout["mask"].shape[1],
-                                    group_size=_shared_prompt_group(loss, rollout["tokens"].shape[0]))
+                                    group_size=_shared_prompt_group(sampling, rollout["tokens"].shape[0]))
     return jax.lax.stop_gradient(aux["router"]["expert_idx"]).swapaxes(0, 1)
 
 
-def make_logprob_fn(model: Transformer, loss: GRPOLoss, *, mesh: Mesh | None = None,
+def make_logprob_fn(model: Transformer, sampling: SamplingConfig, *, mesh: Mesh | None = None,
                     rules: Rules | None = None) -> Callable[[nnx.State, Rollout], jax.Array]:
     """Jitted `fn(model_state, rollout) -> logp [B, N]`: a frozen model's scores of the completions
     (the reference policy of the KL term)."""
@@ -143,8 +127,8 @@ def make_logprob_fn(model: Transformer, loss: GRPOLoss, *, mesh: Mesh | None = N
 
     def logprobs(state: nnx.State, rollout: Rollout) -> jax.Array:
         return completion_logprobs(nnx.merge(graphdef, state), rollout["tokens"], rollout["segment_ids"],
-                                   rollout["mask"].shape[1], temperature=loss.temperature,
-                                   top_p=loss.top_p, top_k=loss.top_k,
-                                   group_size=_shared_prompt_group(loss, rollout["tokens"].shape[0]))[0]
+                                   rollout["mask"].shape[1], temperature=sampling.temperature,
+                                   top_p=sampling.top_p, top_k=sampling.top_k,
+                                   group_size=_shared_prompt_group(sampling, rollout["tokens"].shape[0]))[0]
 
     return jit_over_mesh(logprobs, state, mesh, donate=False, rules=rules)

@@ -19,48 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from moe_jax.data.pipelines import problem_at, rl_prompt_batches
 from moe_jax.data.tasks import Task
 from moe_jax.data.tokenizer import Tokenizer
-from moe_jax.models.sampler import jit_generate
-from moe_jax.parallel import BATCH_AXES, parse_rules, use_mesh
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
-from moe_jax.rl import grpo, rewards
+from moe_jax.parallel.rules import Rules
+from moe_jax.rl import grpo
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.policy import completion_width, rollout_rows
-from moe_jax.rl.step import GRPOLoss, make_grpo_step, make_logprob_fn
+from moe_jax.rl.rewards import parse_reward_weights
+from moe_jax.rl.sampling import sample_and_score
+from moe_jax.rl.step import make_grpo_step, make_logprob_fn
 from moe_jax.train import driver
-from moe_jax.train.evaluation import Evaluator, completion_text
-
-
-def grpo_loss_of(cfg: GRPOConfig) -> GRPOLoss:
-    return GRPOLoss(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high or None,
-                    beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
-                    max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
-                    top_p=cfg.top_p, top_k=cfg.top_k, num_iterations=cfg.num_iterations,
-                    minibatches=cfg.minibatches, microbatches=cfg.microbatches,
-                    routing_replay=cfg.routing_replay, group_size=cfg.group_size)
-
-
-def score(cfg: GRPOConfig, task, problems: list, texts: list[str], lengths_B: np.ndarray
-          ) -> dict[str, np.ndarray]:
-    """Per-completion rewards `{name: [B]}`: each rule-based component (`accuracy`, `format`),
-    DAPO's soft overlong punishment as `overlong` when `overlong_buffer` > 0, and `total`, the
-    weighted sum that training uses."""
-    components = rewards.combined_rewards(task, problems, texts, weights={
-        "accuracy": cfg.accuracy_weight, "format": cfg.format_weight})
-    scores = {name: np.asarray(values, np.float64) for name, values in components.items()}
-    if cfg.overlong_buffer:
-        scores["overlong"] = np.asarray(grpo.overlong_penalty(lengths_B, cfg.max_new_tokens, cfg.overlong_buffer),
-                                        np.float64)
-        scores["total"] = scores["total"] + scores["overlong"]
-    return scores
+from moe_jax.train.evaluation import Evaluator
 
 
 def reward_metrics(scores: dict[str, np.ndarray], group_size: int) -> dict[str, float]:
-    """TRL's reward metrics of a whole generation batch (`score`'s arrays, all processes' rows)."""
+    """TRL's reward metrics of a whole generation batch (the reward arrays of all processes' rows)."""
     total_B = scores["total"]
     metrics = {f"rewards/{name}/mean": float(np.mean(values)) for name, values in scores.items() if name != "total"}
     metrics.update({"reward": float(total_B.mean()),
@@ -80,20 +57,21 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
     greedy held-out accuracy (also at step 0, the curve's starting point)."""
 
     def build(context: driver.RunContext) -> driver.RunParts:
-        loss, mesh = grpo_loss_of(cfg), context.mesh
+        mesh, rules = context.mesh, context.rules
         # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
-        reference = (make_logprob_fn(context.model, loss, mesh=mesh, rules=context.rules),
-                     jax.tree.map(jnp.copy, nnx.state(context.model))) if cfg.beta > 0 else None
-        grpo_step, state = make_grpo_step(context.model, context.optimizer, loss, mesh=mesh, rules=context.rules)
+        reference = (make_logprob_fn(context.model, cfg.sampling, mesh=mesh, rules=rules),
+                     jax.tree.map(jnp.copy, nnx.state(context.model))) if cfg.loss.beta > 0 else None
+        grpo_step, state = make_grpo_step(context.model, context.optimizer, cfg.loss, sampling=cfg.sampling,
+                                          microbatches=cfg.microbatches, mesh=mesh, rules=rules)
         local = process_batch_slice(cfg.prompts_per_step)
         prompts = iter(rl_prompt_batches(context.task, context.tokenizer, seed=cfg.seed,
                                          batch_size=local.stop - local.start, prompt_len=cfg.prompt_len,
                                          template=cfg.template))
-        stepper = GRPOStepper(cfg, context.task, context.tokenizer, mesh, prompts, nnx.graphdef(context.model),
-                              grpo_step, reference)
+        stepper = GRPOStepper(cfg, context.task, context.tokenizer, mesh, rules, prompts,
+                              nnx.graphdef(context.model), grpo_step, reference)
         return driver.RunParts(
             step=stepper, state=state, data=prompts, data_key="prompts",
-            evaluate=Evaluator(cfg, context.task, context.tokenizer, None, mesh), evaluate_at_start=True,
+            evaluate=Evaluator(cfg, context.task, context.tokenizer, mesh), evaluate_at_start=True,
             progress_keys={"reward": "reward", "eval/accuracy": "acc"},
             plot_keys=["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length", "kl",
                        "entropy", "clip_ratio/region_mean", "grad_norm"])
@@ -107,32 +85,6 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
     policy, which is also the frozen reference when `beta` > 0 (so it is read on resume too)."""
     return driver.run(cfg, workdir, grpo_run(cfg), mesh_spec=mesh_spec, init_from=init_from,
                       init_from_on_resume=True, hooks=hooks)
-
-
-def _sample_and_score(cfg: GRPOConfig, key: jax.Array, task, tokenizer, mesh, prompts, policy
-                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
-    """One batch of prompts (this process's share), `group_size` completions each, scored on the
-    host: (the rollout's host arrays with the total reward, every reward component `[B]`, the
-    seconds spent sampling). Each process scores only its own rows; a group never spans
-    processes, since each process holds whole prompts."""
-    start = time.perf_counter()
-    batch = next(prompts)
-    problems = [problem_at(task, cfg.seed, int(i)) for i in batch["problem_index"]]
-    prompt_BxP = np.repeat(batch["prompt_tokens"], cfg.group_size, axis=0)  # rows g·G .. (g+1)·G-1
-    segments_BxP = np.repeat(batch["prompt_segment_ids"], cfg.group_size, axis=0)
-    with use_mesh(mesh, parse_rules(cfg.sharding_rules)):
-        out = jit_generate(policy, global_batch_array(prompt_BxP, mesh), global_batch_array(segments_BxP, mesh),
-                           max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                           rng=key, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           group_size=cfg.group_size)
-    local_out = multihost_utils.global_array_to_host_local_array(out, mesh, PartitionSpec(BATCH_AXES))
-    rollout = {"prompt": prompt_BxP, "prompt_segments": segments_BxP, **jax.device_get(local_out)}
-    sampling_s = time.perf_counter() - start
-    texts = [completion_text(tokenizer, row) for row in rollout["tokens"]]
-    group_problems = [p for p in problems for _ in range(cfg.group_size)]
-    scores = score(cfg, task, group_problems, texts, rollout["lengths"])
-    rollout["reward"] = scores["total"]
-    return rollout, scores, sampling_s
 
 
 def _informative_groups(cfg: GRPOConfig, first: dict[str, np.ndarray], sample_more) -> tuple[dict, int]:
@@ -165,6 +117,7 @@ class GRPOStepper:
     task: Task
     tokenizer: Tokenizer
     mesh: Mesh
+    rules: Rules
     prompts: Iterator[dict[str, np.ndarray]]
     model_graphdef: nnx.GraphDef
     grpo_step: Callable[[nnx.State, dict], tuple[nnx.State, dict]]
@@ -176,14 +129,25 @@ class GRPOStepper:
         t0 = time.perf_counter()
         policy = nnx.merge(self.model_graphdef, state[0])
         step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        sampling_s = 0.0
+        sampling_s, reward_weights = 0.0, parse_reward_weights(cfg.rewards)
 
         def sample(attempt: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+            """This process's share of a prompt batch, sampled and scored: (the rollout with its
+            total reward, every reward component). A group never spans processes."""
             nonlocal sampling_s
-            rollout, scores, seconds = _sample_and_score(cfg, jax.random.fold_in(step_key, attempt), self.task,
-                                                         self.tokenizer, mesh, self.prompts, policy)
-            sampling_s += seconds
-            return rollout, scores
+            batch = next(self.prompts)
+            scored = sample_and_score(
+                policy, batch["prompt_tokens"], batch["prompt_segment_ids"],
+                [problem_at(self.task, cfg.seed, int(i)) for i in batch["problem_index"]],
+                task=self.task, tokenizer=self.tokenizer, sampling=cfg.sampling, reward_weights=reward_weights,
+                key=jax.random.fold_in(step_key, attempt), mesh=mesh, rules=self.rules)
+            sampling_s += scored.sampling_s
+            scores = scored.scores
+            if cfg.loss.overlong_buffer:  # DAPO's soft overlong punishment, a reward of its own
+                scores["overlong"] = np.asarray(grpo.overlong_penalty(
+                    scored.rollout["lengths"], cfg.max_new_tokens, cfg.loss.overlong_buffer), np.float64)
+                scores["total"] = scores["total"] + scores["overlong"]
+            return {**scored.rollout, "reward": scores["total"]}, scores
 
         rollout, scores = sample(0)
         first = all_rows({**scores, "lengths": rollout["lengths"], "truncated": rollout["truncated"]})
@@ -195,11 +159,11 @@ class GRPOStepper:
         # advantages), and the trimmed width must be the same on every process.
         kept = all_rows({"reward": rollout["reward"], "lengths": rollout["lengths"]})
         advantages_B = grpo.group_advantages(jnp.asarray(kept["reward"], jnp.float32), cfg.group_size,
-                                             scale=cfg.scale_rewards)[process_batch_slice(len(kept["reward"]))]
+                                             scale=cfg.loss.scale_rewards)[process_batch_slice(len(kept["reward"]))]
         width = completion_width(int(kept["lengths"].max()), cfg.max_new_tokens)
         completion = {name: rollout[name][:, :width] for name in ("tokens", "mask", "logprobs")}
         mask_BxN = completion["mask"]
-        if cfg.mask_truncated_completions:
+        if cfg.loss.mask_truncated_completions:
             mask_BxN = np.asarray(grpo.mask_truncated(mask_BxN, rollout["truncated"]))
         tokens_BxS, segment_ids_BxS = rollout_rows(rollout["prompt"], rollout["prompt_segments"],
                                                    completion["tokens"], completion["mask"])

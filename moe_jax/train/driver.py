@@ -27,7 +27,6 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from moe_jax.data.records import dataset_files
 from moe_jax.data.tasks import Task, make_task
 from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
 from moe_jax.models import Transformer
@@ -35,7 +34,7 @@ from moe_jax.parallel import init_sharded, make_mesh, parse_rules
 from moe_jax.parallel.rules import Rules
 from moe_jax.train import workdir as workdir_format
 from moe_jax.train.checkpoint import Checkpointer
-from moe_jax.train.experiment_config import ExperimentConfig, parse_task_options
+from moe_jax.train.experiment_config import RunConfig, parse_options
 from moe_jax.train.metrics import mfu
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from moe_jax.train.preemption import PreemptionWatcher
@@ -59,7 +58,7 @@ class RunContext:
     """What the driver has set up before a kind of run adds its parts: the model and optimizer
     are initialised in their shardings (and loaded from `--init_from` when the run starts)."""
 
-    cfg: ExperimentConfig
+    cfg: RunConfig
     mesh: Mesh
     rules: Rules
     tokenizer: Tokenizer
@@ -98,12 +97,13 @@ def resolve_compute_dtype(name: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def init_model_and_optimizer(cfg: ExperimentConfig, mesh: Mesh) -> tuple[Transformer, nnx.Optimizer]:
+def init_model_and_optimizer(cfg: RunConfig, mesh: Mesh) -> tuple[Transformer, nnx.Optimizer]:
     """The model (compute dtype resolved for this platform) and its AdamW optimizer, created
     directly in their shardings over `mesh` (under `cfg.sharding_rules`)."""
     model_cfg = dataclasses.replace(cfg.model, compute_dtype=resolve_compute_dtype(cfg.compute_dtype))
-    optimizer_tx = make_optimizer(cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                                  weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
+    opt = cfg.optimizer
+    optimizer_tx = make_optimizer(opt.learning_rate, warmup_steps=opt.warmup_steps, total_steps=cfg.steps,
+                                  weight_decay=opt.weight_decay, clip_norm=opt.clip_norm)
 
     def make_model_and_optimizer():  # Rngs made inside: the initialiser is traced under jit
         model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
@@ -112,7 +112,7 @@ def init_model_and_optimizer(cfg: ExperimentConfig, mesh: Mesh) -> tuple[Transfo
     return init_sharded(make_model_and_optimizer, mesh, parse_rules(cfg.sharding_rules))
 
 
-def setup(cfg: ExperimentConfig, mesh_spec: str | None = None, tokenizer: str | None = None) -> RunContext:
+def setup(cfg: RunConfig, mesh_spec: str | None = None, tokenizer: str | None = None) -> RunContext:
     """Mesh, tokenizer (checked against the vocabulary), task, and the model and optimizer in
     their shardings: every run's setup, and the benchmarks'. `tokenizer` overrides
     `cfg.tokenizer` (a workdir's own copy)."""
@@ -121,9 +121,7 @@ def setup(cfg: ExperimentConfig, mesh_spec: str | None = None, tokenizer: str | 
     if loaded.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"{type(cfg).__name__}.model.vocab_size: {cfg.model.vocab_size} < the tokenizer's "
                          f"{loaded.vocab_size} ids. Fix: --config.model.vocab_size={loaded.vocab_size}")
-    task = make_task(cfg.task, **parse_task_options(cfg.task_options))
-    if cfg.data:
-        dataset_files(cfg.data)  # the files exist and are of one kind, before anything is built
+    task = make_task(cfg.task, **parse_options(cfg.task_options))
     model, optimizer = init_model_and_optimizer(cfg, mesh)
     return RunContext(cfg, mesh, parse_rules(cfg.sharding_rules), loaded, task, model, optimizer)
 
@@ -178,7 +176,7 @@ def check_finite(step: int, metrics: Mapping[str, Any], last_good: int | None) -
                 "then rerun (it resumes from that checkpoint)")
 
 
-def run(cfg: ExperimentConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None = None,
+def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None = None,
         init_from: str | None = None, init_from_on_resume: bool = False, hooks: Sequence[Hook] = ()
         ) -> dict[str, Any]:
     """Run (or resume) the run `build` describes in `workdir`; returns `{"status", "step",
@@ -193,8 +191,9 @@ def run(cfg: ExperimentConfig, workdir: str, build: BuildRun, *, mesh_spec: str 
         logging.info("%s finished at step %d; nothing to do", workdir, done["step"])
         return {"status": "finished", "step": done["step"], "metrics": done["metrics"]}
     context = setup(cfg, mesh_spec, tokenizer=workdir_format.tokenizer_path(workdir, cfg))
-    checkpointer = Checkpointer(workdir_format.checkpoint_dir(workdir), save_every=cfg.checkpoint_every,
-                                keep=cfg.keep_checkpoints)
+    loop = cfg.loop
+    checkpointer = Checkpointer(workdir_format.checkpoint_dir(workdir), save_every=loop.checkpoint_every,
+                                keep=loop.keep_checkpoints)
     if init_from and (init_from_on_resume or checkpointer.latest_step() is None):
         load_init_from(context.model, init_from)
     parts = build(context)  # a bad dataset file fails here, before the workdir is written
@@ -209,7 +208,7 @@ def run(cfg: ExperimentConfig, workdir: str, build: BuildRun, *, mesh_spec: str 
         parts.data.set_state(data_state[parts.data_key])
         logging.info("resumed %s from step %d", workdir, start)
 
-    schedule = learning_rate_schedule(cfg.learning_rate, cfg.warmup_steps, cfg.steps)
+    schedule = learning_rate_schedule(cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.steps)
     run_log = RunLog(workdir, steps=cfg.steps, start=start, is_lead=is_lead,
                      progress_keys=parts.progress_keys, plot_keys=parts.plot_keys)
     status, last_metrics, step = "finished", {}, start
@@ -251,11 +250,12 @@ def run(cfg: ExperimentConfig, workdir: str, build: BuildRun, *, mesh_spec: str 
                     hook(step, state)
                 stop = preemption.stop_requested(step, checkpointer.manager)
                 final = step == cfg.steps
-                save = final or stop or step % cfg.checkpoint_every == 0
-                if not (save or final or step % cfg.eval_every == 0):
+                save = final or stop or step % loop.checkpoint_every == 0
+                evaluate_now = final or step % loop.eval_every == 0
+                if not (save or evaluate_now):
                     continue
                 last_metrics, pending = fetch(step, metrics), None  # checks this step's loss before saving
-                if final or step % cfg.eval_every == 0:
+                if evaluate_now:
                     last_metrics.update(evaluate(step, state))
                 run_log.write(step, last_metrics)
                 if save:

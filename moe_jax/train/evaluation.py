@@ -20,10 +20,10 @@ from moe_jax.data.pipelines import packed_batches, problem_at, task_examples
 from moe_jax.data.tasks import Task
 from moe_jax.data.template import parse_completion
 from moe_jax.data.tokenizer import Tokenizer
-from moe_jax.models.sampler import jit_generate
+from moe_jax.models.sampler import SamplingConfig, jit_generate
 from moe_jax.parallel.distributed import global_batch_array
 from moe_jax.parallel.rules import parse_rules, use_mesh
-from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.experiment_config import RunConfig
 
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out stream of seed s is the stream of s + this
 
@@ -52,19 +52,25 @@ def completion_text(tokenizer: Tokenizer, ids: np.ndarray) -> str:
 
 
 class Evaluator:
-    """`evaluator(model) -> {"eval/loss", "eval/accuracy", "eval/format", ...}`."""
+    """`evaluator(model) -> {"eval/loss", "eval/accuracy", "eval/format", ...}`: greedy completions
+    of `loop.eval_problems` held-out prompts, judged by the task's verifier; with an `eval_step`,
+    also the mean loss terms on `corpus.eval_batches` held-out batches of a language-model run's
+    corpus."""
 
-    def __init__(self, cfg: ExperimentConfig, task: Task, tokenizer: Tokenizer,
-                 eval_step: Callable[[nnx.State, dict], dict] | None, mesh: Mesh):
-        self.cfg, self.task, self.tokenizer, self.eval_step, self.mesh = cfg, task, tokenizer, eval_step, mesh
+    def __init__(self, cfg: RunConfig, task: Task, tokenizer: Tokenizer, mesh: Mesh,
+                 eval_step: Callable[[nnx.State, dict], dict] | None = None):
+        self.task, self.tokenizer, self.eval_step, self.mesh = task, tokenizer, eval_step, mesh
         self.rules = parse_rules(cfg.sharding_rules)
+        self.sampling = SamplingConfig(temperature=0.0, max_new_tokens=cfg.loop.eval_max_new_tokens)
         seed = heldout_seed(cfg.seed)
-        examples = task_examples(task, tokenizer, seed=seed, error_rate=cfg.error_rate,
-                                 template=cfg.template, loss_on_prompt=cfg.loss_on_prompt)
-        stream = iter(packed_batches(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(),
-                                     seed=seed, shuffle=False))
-        self.batches = [next(stream) for _ in range(cfg.eval_batches if eval_step else 0)]
-        self.problems = [problem_at(task, seed, i) for i in range(cfg.eval_problems)]
+        self.batches = []
+        if eval_step is not None:
+            examples = task_examples(task, tokenizer, seed=seed, error_rate=cfg.corpus.error_rate,
+                                     template=cfg.template, loss_on_prompt=cfg.corpus.loss_on_prompt)
+            stream = iter(packed_batches(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(),
+                                         seed=seed, shuffle=False))
+            self.batches = [next(stream) for _ in range(cfg.corpus.eval_batches)]
+        self.problems = [problem_at(task, seed, i) for i in range(cfg.loop.eval_problems)]
         self.prompts = left_padded_prompts(
             [tokenizer.encode(task.prompt(p, cfg.template), add_bos=True) for p in self.problems],
             tokenizer.pad_id)
@@ -82,8 +88,8 @@ class Evaluator:
     def completions(self, model: nnx.Module) -> list[str]:
         """Greedy completions of the held-out prompts."""
         with use_mesh(self.mesh, self.rules):
-            out = jit_generate(model, *self.prompts, max_new_tokens=self.cfg.eval_max_new_tokens,
-                               eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+            out = jit_generate(model, *self.prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                               **self.sampling.generate_kwargs())
         tokens_BxN = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))
         return [completion_text(self.tokenizer, row) for row in tokens_BxN]
 

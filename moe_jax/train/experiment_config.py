@@ -1,73 +1,139 @@
-"""`ExperimentConfig`: one training run (pretraining or SFT) — the model, the data, the optimizer
-and the loop's cadence — validated on construction like `ModelConfig`.
+"""Run configs, built by composition and validated on construction like `ModelConfig`.
 
-The fields a user reaches for most have plain names at the top (`steps`, `batch_size`, ...); the
-model is the nested `model` field, so `--config.model.n_layers=4` reaches any architecture knob.
+A run config holds what every run has — the model (`--config.model.<field>`), `steps`,
+`batch_size`, `seq_len`, `seed`, the task, the tokenizer, the layout — and nested parts:
+`optimizer` (`OptimizerConfig`) and `loop` (`LoopConfig`) for every run, `corpus`
+(`CorpusConfig`) for a language-model run (`ExperimentConfig`: pretraining and SFT), and GRPO's
+own parts in `moe_jax.rl.config`. A part validates its own fields; the run checks what crosses
+them. `override(cfg, {"optimizer.learning_rate": 1e-3})` changes fields by path.
+
+A `config.json` saved before a field moved into a part still loads: `MOVED_FIELDS` maps the old
+flat names to their paths (the flag layer names the new path too), and `RETIRED_FIELDS` are
+dropped with the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from moe_jax.configs import ModelConfig
 from moe_jax.data.tasks import TASKS
 from moe_jax.data.template import TEMPLATES
 from moe_jax.parallel.rules import parse_rules
+from moe_jax.train import config_tree
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
-# Fields that only change how often things happen, not the numbers a run computes: a resumed run
-# may change them without being a different experiment.
-CADENCE_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints")
-# Fields that only say where the numbers live on the devices (like `--mesh`): a resumed run may
-# change them too.
+# Paths that only change how often things happen, not the numbers a run computes (a resumed run
+# may change them without being a different experiment), and paths that only say where the numbers
+# live on the devices (like `--mesh`).
+CADENCE_FIELDS = ("loop.eval_every", "loop.checkpoint_every", "loop.keep_checkpoints")
 LAYOUT_FIELDS = ("sharding_rules",)
-# Fields that no longer exist -> why; a saved `config.json` that has one still loads (and resumes).
-RETIRED_FIELDS = {"log_every": "it was read by nothing: the progress line is paced by time"}
+
+
+def config_error(cfg: object, field: str, problem: str, fix: str) -> ValueError:
+    """The house error: `<Config>.<field>: <problem>. Fix: <fix>`."""
+    return ValueError(f"{type(cfg).__name__}.{field}: {problem}. Fix: {fix}")
+
+
+def check_number(cfg: object, field: str, *, low: float, high: float = math.inf, low_open: bool = False,
+                 fix: str) -> None:
+    """`field` is a finite number in [low, high] (or (low, high] when `low_open`)."""
+    value = getattr(cfg, field)
+    inside = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
+        raise config_error(cfg, field, f"must be a finite number in {interval}, got {value}", fix)
+
+
+def check_positive(cfg: object, *fields: str) -> None:
+    for field in fields:
+        if getattr(cfg, field) < 1:
+            raise config_error(cfg, field, f"must be >= 1, got {getattr(cfg, field)}", "use a positive value")
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-    """A training run on a synthetic verifiable task."""
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay, global-norm clipping (DeepSeek-V3 §4.2 shape)."""
 
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    # --- the fields reached for most ---
-    steps: int = 1000
-    batch_size: int = 16  # global rows per step
-    seq_len: int = 128
     learning_rate: float = 3e-3  # peak of the warmup-cosine schedule
-    seed: int = 0  # model init and data order
-    eval_every: int = 200
-    checkpoint_every: int = 200
-    # --- data ---
-    task: str = "arithmetic"
-    task_options: str = "max_digits=2"  # the task's difficulty knobs, "name=value,name=value"
-    template: str = "compact"
-    error_rate: float = 0.1  # fraction of training traces with a slip (an imperfect corpus)
-    loss_on_prompt: bool = True  # pretraining documents: True; SFT pairs: False
-    tokenizer: str = "char"  # "char" or the path of a Hugging Face tokenizer.json
-    # "": the task stream above; else SFT records on disk (moe_jax.data.records): a .jsonl or
-    # .array_record file, or a glob of them
-    data: str = ""
-    # --- optimizer (DeepSeek-V3 §4.2 shape) ---
     warmup_steps: int = 20
     weight_decay: float = 0.1
     clip_norm: float = 1.0
-    microbatches: int = 1  # gradient accumulation: the batch is split into this many scans
-    compute_dtype: str = "auto"  # activations; "auto" = bfloat16 on GPU/TPU, float32 on CPU
-    # --- layout over the devices of --mesh ---
-    sharding_rules: str = ""  # overrides of the logical-axis rules, e.g. "embed=None,mlp=fsdp+tensor"
-    # --- the loop ---
-    eval_batches: int = 4  # held-out batches for the eval loss (0: accuracy only)
-    eval_problems: int = 64  # held-out problems for greedy task accuracy
-    eval_max_new_tokens: int = 64
-    keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
-        validate(self)
+        check_number(self, "learning_rate", low=0, low_open=True, fix="use e.g. 3e-3 for tiny models")
+        check_number(self, "weight_decay", low=0, fix="use e.g. 0.1, or 0 for none")
+        check_number(self, "clip_norm", low=0, low_open=True, fix="use e.g. 1.0")
+        if self.warmup_steps < 0:
+            raise config_error(self, "warmup_steps", f"must be >= 0, got {self.warmup_steps}", "use 0 for no warmup")
 
-    def replace_model(self, **changes: Any) -> ExperimentConfig:
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How often the loop evaluates and saves, and what its evaluation samples."""
+
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    eval_problems: int = 64  # held-out problems for greedy task accuracy
+    eval_max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        check_positive(self, "eval_every", "checkpoint_every", "keep_checkpoints", "eval_problems",
+                       "eval_max_new_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    """How a language-model run's documents are made from the task stream (or dataset records)."""
+
+    error_rate: float = 0.1  # fraction of training traces with a slip (an imperfect corpus)
+    loss_on_prompt: bool = True  # pretraining documents: True; SFT pairs: False
+    eval_batches: int = 4  # held-out batches for the eval loss (0: accuracy only)
+
+    def __post_init__(self) -> None:
+        check_number(self, "error_rate", low=0, high=1, fix="use e.g. 0.1")
+        if self.eval_batches < 0:
+            raise config_error(self, "eval_batches", f"must be >= 0, got {self.eval_batches}",
+                               "use 0 to skip the eval loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What every kind of run has; the kinds (`ExperimentConfig`, `GRPOConfig`, ...) add parts."""
+
+    # Old flat field -> its path now (a saved config.json or a flag may still use the old name).
+    MOVED_FIELDS: ClassVar[Mapping[str, str]] = {
+        **{name: f"optimizer.{name}" for name in ("learning_rate", "warmup_steps", "weight_decay", "clip_norm")},
+        **{name: f"loop.{name}" for name in ("eval_every", "checkpoint_every", "keep_checkpoints",
+                                              "eval_problems", "eval_max_new_tokens")}}
+    # Fields that no longer exist -> why; a saved `config.json` that has one still loads.
+    RETIRED_FIELDS: ClassVar[Mapping[str, str]] = {
+        "log_every": "it was read by nothing: the progress line is paced by time"}
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    steps: int = 1000
+    batch_size: int = 16  # global rows per step
+    seq_len: int = 128
+    seed: int = 0  # model init and data order
+    task: str = "arithmetic"
+    task_options: str = "max_digits=2"  # the task's difficulty knobs, "name=value,name=value"
+    template: str = "compact"
+    tokenizer: str = "char"  # "char" or the path of a Hugging Face tokenizer.json
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many scans
+    compute_dtype: str = "auto"  # activations; "auto" = bfloat16 on GPU/TPU, float32 on CPU
+    sharding_rules: str = ""  # overrides of the logical-axis rules, e.g. "embed=None,mlp=fsdp+tensor"
+
+    def __post_init__(self) -> None:
+        validate_run(self)
+
+    def replace_model(self, **changes: Any) -> RunConfig:
         """A copy with `model` fields changed (both configs re-validate)."""
         return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
 
@@ -78,22 +144,44 @@ class ExperimentConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> ExperimentConfig:
-        """Inverse of `to_dict` (a workdir's `config.json`); unknown fields are an error."""
-        fields = {k: v for k, v in fields.items() if k not in RETIRED_FIELDS}
-        model = fields.pop("model", {})
-        check_known(cls, fields)
-        check_known(ModelConfig, model, prefix="model.")
-        return cls(model=ModelConfig(**model), **fields)
+    def migrate(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """A saved config's fields in today's shape: moved flat names put at their paths,
+        retired ones dropped."""
+        moved = {cls.MOVED_FIELDS[k]: v for k, v in fields.items() if k in cls.MOVED_FIELDS}
+        kept = {k: v for k, v in fields.items() if k not in cls.MOVED_FIELDS and k not in cls.RETIRED_FIELDS}
+        return config_tree.nest({**kept, **moved})
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> RunConfig:
+        """Inverse of `to_dict` (a workdir's `config.json`, today's or an older one); a part given
+        in part keeps its other fields' defaults; unknown fields are an error."""
+        return config_tree.build(cls, cls.migrate(fields))
 
 
-def check_known(dataclass: type, fields: dict[str, Any], prefix: str = "") -> None:
-    """Raise a ValueError naming unknown fields and listing the valid ones."""
-    valid = [f.name for f in dataclasses.fields(dataclass)]
-    unknown = sorted(set(fields) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown config field(s) {[prefix + u for u in unknown]}. Valid fields: "
-                         + ", ".join(prefix + v for v in valid))
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig(RunConfig):
+    """A language-model run (pretraining or SFT) on a synthetic task or on dataset records."""
+
+    MOVED_FIELDS: ClassVar[Mapping[str, str]] = {
+        **RunConfig.MOVED_FIELDS,
+        **{name: f"corpus.{name}" for name in ("error_rate", "loss_on_prompt", "eval_batches")}}
+
+    # "": the task stream; else SFT records on disk (moe_jax.data.records): a .jsonl or
+    # .array_record file, or a glob of them
+    data: str = ""
+    corpus: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)
+
+
+def parse_options(options: str, field: str = "ExperimentConfig.task_options") -> dict[str, int | float | str]:
+    """`"max_digits=3,ops=+"` -> `{"max_digits": 3, "ops": "+"}` (numbers become numbers)."""
+    parsed: dict[str, int | float | str] = {}
+    for part in filter(None, (p.strip() for p in options.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"{field}: bad entry {part!r}. "
+                             "Fix: write name=value pairs separated by commas, e.g. 'max_digits=3'")
+        parsed[name.strip()] = _number_or_text(value)
+    return parsed
 
 
 def _number_or_text(value: str) -> int | float | str:
@@ -105,47 +193,19 @@ def _number_or_text(value: str) -> int | float | str:
     return value.strip()
 
 
-def parse_task_options(options: str) -> dict[str, int | float | str]:
-    """`"max_digits=3,ops=+"` -> `{"max_digits": 3, "ops": "+"}` (numbers become numbers)."""
-    parsed: dict[str, int | float | str] = {}
-    for part in filter(None, (p.strip() for p in options.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"ExperimentConfig.task_options: bad entry {part!r}. "
-                             "Fix: write name=value pairs separated by commas, e.g. 'max_digits=3'")
-        parsed[name.strip()] = _number_or_text(value)
-    return parsed
-
-
-def config_error(cfg: object, field: str, problem: str, fix: str) -> ValueError:
-    """The house error: `<Config>.<field>: <problem>. Fix: <fix>`."""
-    return ValueError(f"{type(cfg).__name__}.{field}: {problem}. Fix: {fix}")
-
-
-def validate(cfg: ExperimentConfig) -> None:
-    """Every cross-field constraint, checked before anything is built or compiled."""
+def validate_run(cfg: RunConfig) -> None:
+    """Every constraint across a run's fields and parts, checked before anything is built."""
 
     def _fail(field: str, problem: str, fix: str) -> None:
         raise config_error(cfg, field, problem, fix)
 
-    for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "microbatches",
-                 "eval_problems", "eval_max_new_tokens", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
-            _fail(name, f"must be >= 1, got {getattr(cfg, name)}", "use a positive value")
-    if cfg.eval_batches < 0:
-        _fail("eval_batches", f"must be >= 0, got {cfg.eval_batches}", "use 0 to skip the eval loss")
-    if cfg.learning_rate <= 0:
-        _fail("learning_rate", f"must be > 0, got {cfg.learning_rate}", "use e.g. 3e-3 for tiny models")
-    if cfg.warmup_steps < 0:
-        _fail("warmup_steps", f"must be >= 0, got {cfg.warmup_steps}", "use 0 for no warmup")
+    check_positive(cfg, "steps", "batch_size", "seq_len", "microbatches")
     if cfg.batch_size % cfg.microbatches:
         _fail("microbatches", f"{cfg.microbatches} does not divide batch_size={cfg.batch_size}",
               "pick a divisor of batch_size")
     if cfg.seq_len > cfg.model.max_seq_len:
         _fail("seq_len", f"{cfg.seq_len} > model.max_seq_len={cfg.model.max_seq_len}",
               "shorten seq_len or raise model.max_seq_len")
-    if not 0.0 <= cfg.error_rate <= 1.0:
-        _fail("error_rate", f"must lie in [0, 1], got {cfg.error_rate}", "use e.g. 0.1")
     if cfg.task not in TASKS:
         _fail("task", f"unknown task {cfg.task!r}", f"use one of {sorted(TASKS)}")
     if cfg.template not in TEMPLATES:
@@ -158,22 +218,13 @@ def validate(cfg: ExperimentConfig) -> None:
         problem, _, fix = str(e).partition(". Fix: ")
         _fail("sharding_rules", problem, fix or "use logical axes from moe_jax.parallel.DEFAULT_RULES")
     try:
-        TASKS[cfg.task](**parse_task_options(cfg.task_options))
+        TASKS[cfg.task](**parse_options(cfg.task_options))
     except (TypeError, ValueError) as e:
         _fail("task_options", f"{cfg.task_options!r} is not valid for task {cfg.task!r} ({e})",
               f"use the knobs of {TASKS[cfg.task].__name__}.__init__")
 
 
-def config_differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable `field: saved -> new` lines for every field that differs (recursively),
-    skipping the cadence and layout fields a resumed run may change."""
-    lines = []
-    for key in sorted(set(saved) | set(new)):
-        if not prefix and key in CADENCE_FIELDS + LAYOUT_FIELDS + tuple(RETIRED_FIELDS):
-            continue
-        old_value, new_value = saved.get(key), new.get(key)
-        if isinstance(old_value, dict) and isinstance(new_value, dict):
-            lines += config_differences(old_value, new_value, prefix=f"{prefix}{key}.")
-        elif old_value != new_value:
-            lines.append(f"{prefix}{key}: {old_value!r} (saved) -> {new_value!r} (this command)")
-    return lines
+def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable `path: saved -> new` lines for every field that differs, skipping the
+    cadence and layout fields a resumed run may change."""
+    return config_tree.differences(saved, new, skip=CADENCE_FIELDS + LAYOUT_FIELDS)

@@ -32,10 +32,11 @@ def lm_run(loss_fn: LossFn = lm_loss) -> driver.BuildRun:
         local_rows = process_batch_slice(cfg.batch_size)
         if cfg.data:
             examples = record_examples(cfg.data, context.tokenizer, seq_len=cfg.seq_len,
-                                       loss_on_prompt=cfg.loss_on_prompt)
+                                       loss_on_prompt=cfg.corpus.loss_on_prompt)
         else:
-            examples = task_examples(context.task, context.tokenizer, seed=cfg.seed, error_rate=cfg.error_rate,
-                                     template=cfg.template, loss_on_prompt=cfg.loss_on_prompt)
+            examples = task_examples(context.task, context.tokenizer, seed=cfg.seed,
+                                     error_rate=cfg.corpus.error_rate, template=cfg.template,
+                                     loss_on_prompt=cfg.corpus.loss_on_prompt)
         batches = iter(packed_batches(examples, seq_len=cfg.seq_len, seed=cfg.seed, weighted=bool(cfg.data),
                                       batch_size=local_rows.stop - local_rows.start))
 
@@ -45,7 +46,7 @@ def lm_run(loss_fn: LossFn = lm_loss) -> driver.BuildRun:
         flops = flops_per_token(context.model.cfg, cfg.seq_len)
         return driver.RunParts(
             step=step, state=state, data=batches,
-            evaluate=Evaluator(cfg, context.task, context.tokenizer, eval_step, mesh),
+            evaluate=Evaluator(cfg, context.task, context.tokenizer, mesh, eval_step),
             tokens_per_step=cfg.batch_size * cfg.seq_len, flops_per_token=flops["total"] + flops["mtp"])
 
     return build

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from moe_jax.train.experiment_config import ExperimentConfig, config_differences
+from moe_jax.train.experiment_config import RunConfig, config_differences
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -48,7 +48,7 @@ def read_config(workdir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def check_config(cfg: ExperimentConfig, workdir: str) -> None:
+def check_config(cfg: RunConfig, workdir: str) -> None:
     """Refuse to mix runs: a saved `config.json` must agree with `cfg` (cadence and layout fields
     aside)."""
     saved = read_config(workdir)
@@ -66,7 +66,7 @@ def check_config(cfg: ExperimentConfig, workdir: str) -> None:
               "give this run a new --workdir (--init_from=<that workdir> starts from its weights)")
 
 
-def prepare(cfg: ExperimentConfig, workdir: str) -> bool:
+def prepare(cfg: RunConfig, workdir: str) -> bool:
     """Create the workdir, refuse a conflicting saved config, write `config.json` and the copy of
     the tokenizer (from process 0); returns whether this process is the one that writes."""
     os.makedirs(workdir, exist_ok=True)
@@ -80,7 +80,7 @@ def prepare(cfg: ExperimentConfig, workdir: str) -> bool:
     return is_lead
 
 
-def tokenizer_path(workdir: str, cfg: ExperimentConfig) -> str:
+def tokenizer_path(workdir: str, cfg: RunConfig) -> str:
     """What `load_tokenizer` should read for the run in `workdir`: its own copy when it has one."""
     copy = os.path.join(workdir, TOKENIZER_FILE)
     return copy if os.path.isfile(copy) else cfg.tokenizer

@@ -1,0 +1,73 @@
+"""Sampling and scoring, the public API: a policy's completions of a batch of prompts, each
+scored by reward-registry functions. The GRPO loop calls it every step; rejection sampling and
+evaluation call it with their own prompts and `SamplingConfig`.
+
+Prompts are this process's share of a global batch (left-padded host rows); a prompt's
+`samples_per_prompt` completions sit in consecutive rows, and the sampler prefills each prompt once
+for its group. Model text is only parsed by the reward functions, never executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, PartitionSpec
+
+from moe_jax.data.tasks import Problem, Task
+from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.models import Transformer
+from moe_jax.models.sampler import SamplingConfig, jit_generate
+from moe_jax.parallel import BATCH_AXES, use_mesh
+from moe_jax.parallel.distributed import global_batch_array
+from moe_jax.parallel.rules import Rules
+from moe_jax.rl import rewards
+from moe_jax.train.evaluation import completion_text
+
+
+@dataclasses.dataclass
+class ScoredSamples:
+    """This process's B = P × G sampled rows: `rollout` (host arrays `prompt`, `prompt_segments`
+    `[B, L]`; `tokens`, `logprobs`, `mask` `[B, N]`; `lengths`, `truncated` `[B]`), their `texts`,
+    their `scores` (each weighted reward `[B]` and `total`, their weighted sum) and the seconds
+    spent sampling."""
+
+    rollout: dict[str, np.ndarray]
+    texts: list[str]
+    scores: dict[str, np.ndarray]
+    sampling_s: float
+
+
+def score_texts(task: Task, problems: Sequence[Problem], texts: Sequence[str],
+                reward_weights: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """`{name: [B], "total": [B]}` (float64) for the rewards `reward_weights` names."""
+    components = rewards.combined_rewards(task, problems, texts, weights=reward_weights,
+                                          reward_fns={name: rewards.REWARD_FUNCTIONS[name] for name in reward_weights})
+    return {name: np.asarray(values, np.float64) for name, values in components.items()}
+
+
+def sample_and_score(policy: Transformer, prompt_tokens_PxL: np.ndarray, prompt_segment_ids_PxL: np.ndarray,
+                     problems: Sequence[Problem], *, task: Task, tokenizer: Tokenizer, sampling: SamplingConfig,
+                     reward_weights: Mapping[str, float], key: jax.Array | None, mesh: Mesh,
+                     rules: Rules | None = None) -> ScoredSamples:
+    """`sampling.samples_per_prompt` completions of each of this process's P prompts
+    (`problems[p]` is prompt p's problem), sampled on the mesh (one program over all processes)
+    and scored on the host by the rewards `reward_weights` names. `key` drives the draws (None
+    only for greedy sampling)."""
+    start = time.perf_counter()
+    G = sampling.samples_per_prompt
+    prompt_BxL = np.repeat(prompt_tokens_PxL, G, axis=0)  # rows g·G .. (g+1)·G-1 share prompt g
+    segments_BxL = np.repeat(prompt_segment_ids_PxL, G, axis=0)
+    with use_mesh(mesh, rules):
+        out = jit_generate(policy, global_batch_array(prompt_BxL, mesh), global_batch_array(segments_BxL, mesh),
+                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rng=key, **sampling.generate_kwargs())
+    local_out = multihost_utils.global_array_to_host_local_array(out, mesh, PartitionSpec(BATCH_AXES))
+    rollout = {"prompt": prompt_BxL, "prompt_segments": segments_BxL, **jax.device_get(local_out)}
+    sampling_s = time.perf_counter() - start
+    texts = [completion_text(tokenizer, row) for row in rollout["tokens"]]
+    scores = score_texts(task, [p for p in problems for _ in range(G)], texts, reward_weights)
+    return ScoredSamples(rollout, texts, scores, sampling_s)

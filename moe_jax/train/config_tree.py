@@ -1,0 +1,109 @@
+"""Configs built from nested frozen dataclasses: reading, changing and comparing them by path.
+
+A run's config is a tree (`ExperimentConfig.optimizer.learning_rate`, `GRPOConfig.sampling.
+temperature`, `...teacher.model.n_layers`); these helpers walk it to any depth, so the flag layer,
+`config.json` and the workdir's conflict check need no per-field code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def nested_class(cls: type, name: str) -> type | None:
+    """The dataclass type of field `name` of `cls`, or None for a scalar field."""
+    hint = _hints(cls)[name]
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[type, Any]]:
+    """Every scalar field of the tree, by dotted path -> (owning class, type annotation)."""
+    leaves = {}
+    for field in dataclasses.fields(cls):
+        inner = nested_class(cls, field.name)
+        if inner is not None:
+            leaves.update(leaf_fields(inner, f"{prefix}{field.name}."))
+        else:
+            leaves[prefix + field.name] = (cls, _hints(cls)[field.name])
+    return leaves
+
+
+def check_known(cls: type, fields: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise a ValueError naming unknown fields and listing the valid ones."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {[prefix + u for u in unknown]}. Valid fields: "
+                         + ", ".join(prefix + v for v in valid))
+
+
+def nest(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"optimizer.learning_rate": 1e-3}` -> `{"optimizer": {"learning_rate": 1e-3}}` (nested
+    dicts pass through, merged with dotted keys)."""
+    tree: dict[str, Any] = {}
+    for path, value in changes.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            value = {rest: value}
+        if isinstance(value, Mapping) and isinstance(tree.get(head), dict):
+            tree[head] = {**tree[head], **nest(value)}
+        else:
+            tree[head] = nest(value) if isinstance(value, Mapping) else value
+    return tree
+
+
+def override(config: Any, changes: Mapping[str, Any], prefix: str = "") -> Any:
+    """A copy of `config` with `changes` applied: dotted paths (`"optimizer.learning_rate"`) or
+    nested dicts, to any depth; a changed part keeps its other fields. Every changed dataclass
+    re-validates; an unknown field raises a ValueError listing the valid ones."""
+    cls = type(config)
+    tree = nest(changes)
+    check_known(cls, tree, prefix)
+    direct = {}
+    for name, value in tree.items():
+        if nested_class(cls, name) is not None and isinstance(value, Mapping):
+            value = override(getattr(config, name), value, f"{prefix}{name}.")
+        direct[name] = value
+    return dataclasses.replace(config, **direct)
+
+
+def differences(saved: Mapping[str, Any], new: Mapping[str, Any], skip: tuple[str, ...] = (),
+                prefix: str = "") -> list[str]:
+    """Human-readable `path: saved -> new` lines for every leaf that differs (recursively), except
+    the paths in `skip`."""
+    lines = []
+    for key in sorted(set(saved) | set(new)):
+        path = prefix + key
+        if path in skip:
+            continue
+        old_value, new_value = saved.get(key), new.get(key)
+        if isinstance(old_value, dict) and isinstance(new_value, dict):
+            lines += differences(old_value, new_value, skip, prefix=f"{path}.")
+        elif old_value != new_value:
+            lines.append(f"{path}: {old_value!r} (saved) -> {new_value!r} (this command)")
+    return lines
+
+
+def build(cls: type, tree: Mapping[str, Any], prefix: str = "") -> Any:
+    """`cls` from a nested dict (`dataclasses.asdict`'s shape): a nested part given as a dict is
+    that field's default with the dict's fields applied, so a part given in part keeps the
+    rest; unknown fields raise a ValueError listing the valid ones."""
+    check_known(cls, tree, prefix)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in tree.items():
+        if nested_class(cls, name) is not None and isinstance(value, Mapping):
+            field = fields[name]
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            value = override(default, value, f"{prefix}{name}.")
+        kwargs[name] = value
+    return cls(**kwargs)
