@@ -3,8 +3,8 @@ advantages) and training (the jitted update) — and print one JSON line with th
 
     python experiments/bench_grpo.py          # 8 prompts × 8 samples, 32 new tokens, 2-layer d_model 128
 
-The default shape is the one TRL's GRPOTrainer was timed at on this 2-core CPU (0.21 s median
-per step for a 2-layer, d_model 128 model); here the policy is an MoE (tiny-moe's routing).
+The default shape is the one TRL's GRPOTrainer is compared at (a 2-layer, d_model 128 model; the
+side-by-side figures are in BUILD_NOTES.md); here the policy is an MoE (tiny-moe's routing).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from moe_jax import config_flags
+from moe_jax import config_flags, experiment_main
 from moe_jax.configs import count_params
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.trainer import grpo_run
@@ -26,9 +26,7 @@ BENCH_DEFAULTS = {"batch_size": 64, "sampling.samples_per_prompt": 8, "sampling.
 MODEL_DEFAULTS = {"n_layers": 2, "d_model": 128}
 
 config_flags.define_config_flags(config_class=GRPOConfig)
-flags.DEFINE_string("mesh", None, "device mesh; unset = every device on 'data'")
-flags.DEFINE_integer("warmup", 3, "untimed steps (compilation)")
-flags.DEFINE_integer("repeats", 10, "timed steps")
+experiment_main.define_bench_flags(warmup=3, repeats=10)
 FLAGS = flags.FLAGS
 
 

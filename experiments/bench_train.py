@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from moe_jax import config_flags
+from moe_jax import config_flags, experiment_main
 from moe_jax.configs import count_params, flops_per_token
 from moe_jax.models.moe import resolve_dispatch
 from moe_jax.parallel.distributed import global_batch_array
@@ -24,9 +24,7 @@ from moe_jax.train.metrics import mfu, peak_flops_per_device
 from moe_jax.train.step import make_train_step
 
 config_flags.define_config_flags()
-flags.DEFINE_string("mesh", None, "device mesh, e.g. 'data=2,expert=4'; unset = every device on 'data'")
-flags.DEFINE_integer("warmup", 3, "untimed steps (compilation and the first runs)")
-flags.DEFINE_integer("repeats", 10, "timed steps")
+experiment_main.define_bench_flags(warmup=3, repeats=10)
 FLAGS = flags.FLAGS
 
 

@@ -14,23 +14,9 @@ from __future__ import annotations
 
 from absl import app
 
-from moe_jax import config_flags
-from moe_jax.experiment_main import (
-    config_from_recipe_flags,
-    define_recipe_flags,
-    define_run_flags,
-    run_from_flags,
-)
-from moe_jax.rl.trainer import train_grpo
+from moe_jax import config_flags, experiment_main
 
-define_recipe_flags("grpo")  # 16 prompts x 8 samples per step, completions up to 64 tokens
-define_run_flags()
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    run_from_flags(config_from_recipe_flags(), train_fn=train_grpo)
-
+experiment_main.define_flags("grpo")
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_flags.parse_flags)
+    app.run(experiment_main.main, flags_parser=config_flags.parse_flags)

@@ -11,22 +11,9 @@ from __future__ import annotations
 
 from absl import app
 
-from moe_jax import config_flags
-from moe_jax.experiment_main import (
-    config_from_recipe_flags,
-    define_recipe_flags,
-    define_run_flags,
-    run_from_flags,
-)
+from moe_jax import config_flags, experiment_main
 
-define_recipe_flags("pretrain")
-define_run_flags()
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    run_from_flags(config_from_recipe_flags())
-
+experiment_main.define_flags("pretrain")
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_flags.parse_flags)
+    app.run(experiment_main.main, flags_parser=config_flags.parse_flags)

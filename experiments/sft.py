@@ -4,6 +4,10 @@ format), usually starting from a pretrained base.
 
     python experiments/pretrain.py --workdir=/tmp/base
     python experiments/sft.py --workdir=/tmp/sft --init_from=/tmp/base
+    python experiments/sft.py --workdir=/tmp/sft_file --init_from=/tmp/base --config.data='traces-*.jsonl'
+
+Without `--config.data` it reads the task stream's clean traces; with it, prompt/response records
+from JSON Lines or ArrayRecord files (`moe_jax.data.records`).
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
@@ -12,22 +16,9 @@ from __future__ import annotations
 
 from absl import app
 
-from moe_jax import config_flags
-from moe_jax.experiment_main import (
-    config_from_recipe_flags,
-    define_recipe_flags,
-    define_run_flags,
-    run_from_flags,
-)
+from moe_jax import config_flags, experiment_main
 
-define_recipe_flags("sft")
-define_run_flags()
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    run_from_flags(config_from_recipe_flags())
-
+experiment_main.define_flags("sft")
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_flags.parse_flags)
+    app.run(experiment_main.main, flags_parser=config_flags.parse_flags)

@@ -1,6 +1,7 @@
-"""What every training entry point shares: the run flags (`--workdir`, `--mesh`, `--init_from`,
-`--recipe`, the multi-process flags) and the call into the loop, so `experiments/*.py` stay a
-few lines."""
+"""What every entry point shares, so `experiments/*.py` stay a few lines: the run flags
+(`--workdir`, `--mesh`, `--init_from`, `--recipe`, the multi-process flags), the call into the
+run (`main`: the recipe's kind of run — `train` for pretraining and SFT, `train_grpo` for GRPO —
+its summary printed as one JSON line), and the benchmarks' flags."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from absl import flags, logging
 from moe_jax import config_flags
 from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
 from moe_jax.recipes import get_recipe, recipes_for
-from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.rl.config import GRPOConfig
+from moe_jax.rl.trainer import train_grpo
+from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.trainer import train
 
 
@@ -37,7 +40,21 @@ def define_recipe_flags(default: str, flag_values: flags.FlagValues = flags.FLAG
     config_flags.define_config_flags(flag_values=flag_values, config_class=config_class)
 
 
-def config_from_recipe_flags(flag_values: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
+def define_flags(default_recipe: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Every flag of a training script whose recipe is `default_recipe`."""
+    define_recipe_flags(default_recipe, flag_values)
+    define_run_flags(flag_values)
+
+
+def define_bench_flags(warmup: int, repeats: int, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """A benchmark's `--mesh`, untimed `--warmup` and timed `--repeats` steps."""
+    flags.DEFINE_string("mesh", None, "device mesh, e.g. 'data=2,expert=4'; unset = every device on 'data'",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("warmup", warmup, "untimed steps (compilation and the first runs)", flag_values=flag_values)
+    flags.DEFINE_integer("repeats", repeats, "timed steps", flag_values=flag_values)
+
+
+def config_from_recipe_flags(flag_values: flags.FlagValues = flags.FLAGS) -> RunConfig:
     """The `--recipe`'s config under `--config` (a preset or file) and the override flags."""
     recipe = get_recipe(flag_values.recipe)
     return config_flags.config_from_flags(flag_values, defaults=dict(recipe.fields),
@@ -59,7 +76,7 @@ def setup_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def run_and_report(train_fn: Callable[..., dict], cfg: ExperimentConfig, workdir: str, **kwargs) -> dict:
+def run_and_report(train_fn: Callable[..., dict], cfg: RunConfig, workdir: str, **kwargs) -> dict:
     """`train_fn(cfg, workdir, **kwargs)`, its summary printed as one JSON line."""
     result = train_fn(cfg, workdir, **kwargs)
     print(json.dumps({"workdir": workdir, "status": result["status"], "step": result["step"],
@@ -67,10 +84,11 @@ def run_and_report(train_fn: Callable[..., dict], cfg: ExperimentConfig, workdir
     return result
 
 
-def run_from_flags(cfg: ExperimentConfig, flag_values: flags.FlagValues = flags.FLAGS, *,
-                   train_fn: Callable[..., dict] = train) -> dict:
-    """Set up, run `train_fn` (the pretrain/SFT loop by default, `train_grpo` for RL) on the run
-    flags, and print the summary as one JSON line."""
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """A training script's `main` (`app.run(main, flags_parser=config_flags.parse_flags)` after
+    `define_flags`): the recipe's config under the flags, run by its kind of run."""
+    del argv
+    cfg = config_from_recipe_flags(flag_values)
     setup_from_flags(flag_values)
-    return run_and_report(train_fn, cfg, flag_values.workdir, mesh_spec=flag_values.mesh,
-                          init_from=flag_values.init_from)
+    run_and_report(train_grpo if isinstance(cfg, GRPOConfig) else train, cfg, flag_values.workdir,
+                   mesh_spec=flag_values.mesh, init_from=flag_values.init_from)

@@ -204,7 +204,7 @@ def test_sft_cli_starts_from_a_hugging_face_folder_and_exports_back(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = [sys.executable, "experiments/sft.py", "--config=qwen2.5-0.5b", f"--workdir={tmp_path / 'run'}",
             f"--init_from=hf:{tmp_path / 'qwen'}", "--config.steps=2", "--config.batch_size=8",
-            "--config.eval_every=2", "--config.checkpoint_every=2", "--config.eval_problems=2",
+            "--config.loop.eval_every=2", "--config.loop.checkpoint_every=2", "--config.loop.eval_problems=2",
             *(f"--config.model.{k}={v}" for k, v in sizes.items())]
     out = subprocess.run(argv, check=False, cwd=repo, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

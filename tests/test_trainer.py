@@ -73,7 +73,7 @@ def test_run_writes_config_metrics_events_plot_and_checkpoints(uninterrupted):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert pathlib.Path(workdir, "metrics.png").read_bytes()[:4] == b"\x89PNG"
     steps = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=1).manager.all_steps()
-    assert {6, 8} <= set(steps) and len(steps) <= CFG.keep_checkpoints
+    assert {6, 8} <= set(steps) and len(steps) <= CFG.loop.keep_checkpoints
 
 
 KILL_SCRIPT = """

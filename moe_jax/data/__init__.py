@@ -1,1 +1,2 @@
-"""Data: verifiable reasoning tasks, the R1-Zero template, tokenizers (and, later, grain pipelines)."""
+"""Data: verifiable reasoning tasks, the R1-Zero template, tokenizers, grain pipelines and dataset
+records on disk (JSON Lines / ArrayRecord)."""

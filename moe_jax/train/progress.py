@@ -1,4 +1,4 @@
-"""The run's progress line, drawn by tqdm (`tqdm.auto`: a widget in a notebook):
+"""The run's progress line, drawn by tqdm (`tqdm.autonotebook`: a widget in a notebook):
 
      40%|########            | 120/300 [00:10<01:30, 2.00step/s, loss 1.23 | tokens/s 5.40k]
 
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 import numpy as np
-from tqdm import auto as tqdm_auto
+from tqdm import autonotebook as tqdm_auto
 from tqdm import std as tqdm_std
 
 # metric key -> label shown on the line.

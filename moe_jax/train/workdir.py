@@ -39,13 +39,16 @@ def write_json_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def read_config(workdir: str) -> dict[str, Any] | None:
-    """The saved `config.json` of `workdir` as a dict, or None when there is none."""
-    path = os.path.join(workdir, CONFIG_FILE)
+def _read_json(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+    """The saved `config.json` of `workdir` as a dict, or None when there is none."""
+    return _read_json(os.path.join(workdir, CONFIG_FILE))
 
 
 def check_config(cfg: RunConfig, workdir: str) -> None:
@@ -111,8 +114,4 @@ def mark_done(workdir: str, step: int, metrics: dict[str, Any]) -> None:
 
 def read_done(workdir: str) -> dict[str, Any] | None:
     """`{"step", "finished_at", "metrics"}` of a finished run, or None when it has not finished."""
-    path = os.path.join(workdir, DONE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(os.path.join(workdir, DONE_FILE))
