@@ -104,6 +104,10 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         if not any(name.startswith(prefix) for name in known):
             prefix = _PREFIX
         valid = [name.removeprefix(_PREFIX) for name in flag_values if name.startswith(prefix)]
+        if prefix == _PREFIX:  # the run's fields first; the model's long list summed up
+            model_fields = [name for name in valid if name.startswith("model.")]
+            valid = [name for name in valid if not name.startswith("model.")] + [
+                f"model.<one of {len(model_fields)} ModelConfig fields: --helpfull lists them>"]
         config_class = _DEFINED_FOR.get(id(flag_values))
         sys.stderr.write(f"FATAL Flags parsing error: unknown config field(s) {unknown}.\n"
                          + "".join(_why_unknown(u, config_class) for u in unknown)
