@@ -19,7 +19,7 @@ from moe_jax import config_flags, experiment_main
 from moe_jax.configs import count_params
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.trainer import grpo_run
-from moe_jax.train import driver
+from moe_jax.train.context import make_context
 
 BENCH_DEFAULTS = {"batch_size": 64, "sampling.samples_per_prompt": 8, "sampling.max_new_tokens": 32, "seq_len": 48}
 # The model TRL was timed with: 2 layers of d_model 128 (here with tiny-moe's MoE and MLA).
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     model_overrides = {k: v for k, v in MODEL_DEFAULTS.items() if not FLAGS[f"config.model.{k}"].present}
     if FLAGS.config == "tiny-moe":
         cfg = cfg.replace_model(**model_overrides)
-    parts = grpo_run(cfg)(driver.setup(cfg, FLAGS.mesh))  # a GRPO run's step, without its workdir
+    parts = grpo_run(cfg)(make_context(cfg, FLAGS.mesh))  # a GRPO run's step, without its workdir
     state, phases = parts.state, []
     for step in range(1, FLAGS.warmup + FLAGS.repeats + 1):
         state, metrics = parts.step(step, state)

@@ -19,7 +19,7 @@ from moe_jax import config_flags, experiment_main
 from moe_jax.configs import count_params, flops_per_token
 from moe_jax.models.moe import resolve_dispatch
 from moe_jax.parallel.distributed import global_batch_array
-from moe_jax.train import driver
+from moe_jax.train.context import make_context, resolve_compute_dtype
 from moe_jax.train.metrics import mfu, peak_flops_per_device
 from moe_jax.train.step import make_train_step
 
@@ -31,11 +31,11 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     del argv
     cfg = config_flags.config_from_flags()
-    context = driver.setup(cfg, FLAGS.mesh)  # a run's setup, without its workdir
-    mesh = context.mesh
-    step, state = make_train_step(context.model, context.optimizer, microbatches=cfg.microbatches, mesh=mesh,
-                                  rules=context.rules)
-    del context
+    run = make_context(cfg, FLAGS.mesh)  # a run's setup, without its workdir
+    mesh = run.mesh
+    step, state = make_train_step(run.model, run.optimizer, microbatches=cfg.microbatches, mesh=mesh,
+                                  rules=run.rules)
+    del run
     # Full rows of random tokens: one document per row, every token a target.
     rng = np.random.default_rng(0)
     shape = (cfg.batch_size, cfg.seq_len)
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
         "devices": jax.device_count(), "mesh": dict(mesh.shape), "config": cfg.model.name,
         "params_total": count_params(cfg.model)["total"], "params_activated": count_params(cfg.model)["activated"],
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "microbatches": cfg.microbatches,
-        "param_dtype": cfg.model.param_dtype, "compute_dtype": driver.resolve_compute_dtype(cfg.compute_dtype),
+        "param_dtype": cfg.model.param_dtype, "compute_dtype": resolve_compute_dtype(cfg.compute_dtype),
         "moe_dispatch": resolve_dispatch(cfg.model.moe_dispatch),
         "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),
         "model_flops_per_token": flops["total"] + flops["mtp"],

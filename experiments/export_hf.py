@@ -21,7 +21,7 @@ from moe_jax.interop import FAMILIES, save_hf
 from moe_jax.models import Transformer
 from moe_jax.parallel import init_sharded, make_mesh, parse_rules
 from moe_jax.train import workdir as workdir_format
-from moe_jax.train.driver import load_init_from
+from moe_jax.train.context import load_init_from
 
 flags.DEFINE_string("run", None, "the run's workdir (holds config.json and checkpoints/)", required=True)
 flags.DEFINE_integer("step", None, "checkpoint step to export (default: the latest)")

@@ -47,9 +47,9 @@ def main(argv: list[str]) -> None:
     base_dir = os.path.join(FLAGS.workdir, "base")
     base = r1_zero_base_config(rl, FLAGS.base_steps or recipe.base_steps,
                                recipe.base_error_rate if FLAGS.base_error_rate is None else FLAGS.base_error_rate)
-    run_and_report(train, base, base_dir, mesh_spec=FLAGS.mesh)
+    run_and_report(train, base, base_dir, mesh_spec=FLAGS.mesh, allow_config_change=FLAGS.allow_config_change)
     run_and_report(train_grpo, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
-                   init_from=base_dir)
+                   init_from=base_dir, allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "checkpoint directory) or of a Hugging Face folder (hf:<folder>); a run that "
                         "resumes from its own checkpoints keeps them (GRPO still reads it for the KL "
                         "reference)", flag_values=flag_values)
+    flags.DEFINE_list("allow_config_change", [], "config paths or parts (e.g. optimizer, "
+                      "optimizer.learning_rate, steps) a resumed run may change from its saved config; "
+                      "the run goes on from its last good checkpoint and records the change",
+                      flag_values=flag_values)
     define_distributed_flags(flag_values)
 
 
@@ -91,4 +95,5 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     cfg = config_from_recipe_flags(flag_values)
     setup_from_flags(flag_values)
     run_and_report(train_grpo if isinstance(cfg, GRPOConfig) else train, cfg, flag_values.workdir,
-                   mesh_spec=flag_values.mesh, init_from=flag_values.init_from)
+                   mesh_spec=flag_values.mesh, init_from=flag_values.init_from,
+                   allow_config_change=flag_values.allow_config_change)

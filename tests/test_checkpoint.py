@@ -12,7 +12,7 @@ from moe_jax.data.tokenizer import CharTokenizer
 from moe_jax.models import Transformer
 from moe_jax.parallel import make_mesh
 from moe_jax.train.checkpoint import Checkpointer
-from moe_jax.train.driver import init_model_and_optimizer
+from moe_jax.train.context import init_model_and_optimizer
 from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.optimizer import make_optimizer
 from moe_jax.train.step import make_train_step

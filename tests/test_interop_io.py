@@ -176,7 +176,7 @@ def test_init_from_hf_loads_into_the_runs_sharded_model(tiny_moe_folder):
     """`--init_from=hf:<folder>`: the run's freshly initialised sharded model takes the checkpoint's
     weights in place (MTP modules the run does not use are skipped); a run whose config.model is
     another architecture is refused, naming the fields."""
-    from moe_jax.train.driver import load_init_from
+    from moe_jax.train.context import load_init_from
 
     folder, model = tiny_moe_folder
     cfg = dataclasses.replace(TINY_MOE, mtp_depth=0, router_bias_rate=1e-3)  # training knobs may differ

@@ -22,7 +22,7 @@ from moe_jax.parallel import (
     state_shardings,
     use_mesh,
 )
-from moe_jax.train.driver import init_model_and_optimizer
+from moe_jax.train.context import init_model_and_optimizer
 from moe_jax.train.experiment_config import ExperimentConfig, OptimizerConfig
 from moe_jax.train.step import make_train_step
 

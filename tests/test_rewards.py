@@ -123,7 +123,7 @@ HOSTILE_COMPLETIONS = {
     "1MB of text": "a" * (1 << 20),
     "1MB of whitespace": " " * (1 << 20),
     "1MB think, no close": "<think>" + "x" * (1 << 20),
-    "1MB answer": wrap("3" * (1 << 20)),
+    "long answer, within the bound": wrap("3" * (rewards.MAX_COMPLETION_CHARS // 2)),
     "1MB of open tags": "<think>" * (1 << 17),
     "1MB of '<'": "<" * (1 << 20),
     "over the scoring bound": wrap("{right}", "x" * (rewards.MAX_COMPLETION_CHARS + 1)),
@@ -149,7 +149,7 @@ def test_hostile_completions_earn_nothing(task, problem, right, name):
     completion = HOSTILE_COMPLETIONS[name].replace("{right}", right)
     accuracy, fmt = timed_score(task, problem, completion)
     assert accuracy == 0.0
-    assert fmt == (1.0 if name in ("1MB answer",) else 0.0)
+    assert fmt == (1.0 if name == "long answer, within the bound" else 0.0)
 
 
 def test_combined_rewards_weights_and_errors():
@@ -171,3 +171,18 @@ def test_combined_rewards_weights_and_errors():
         rewards.combined_rewards(ARITHMETIC, problems, completions, weights={"acc": 1.0})
     with pytest.raises(ValueError, match="problems for"):
         rewards.combined_rewards(ARITHMETIC, problems[:2], completions)
+
+
+def test_the_work_per_call_is_bounded_and_non_text_is_wrong_everywhere(monkeypatch):
+    """A completion past the bound scores 0 without being parsed at all; a non-string is wrong for
+    the verifier exactly as for the rewards (False / 0, never a TypeError)."""
+    parsed = []
+    monkeypatch.setattr("moe_jax.data.tasks.base.parse_completion",
+                        lambda text: parsed.append(len(text)) or rewards.parse_completion(text))
+    huge = wrap("42", "x" * (4 << 20))
+    assert rewards.accuracy_reward(ARITHMETIC, SUM, huge) == 0.0 and rewards.format_reward(huge) == 0.0
+    assert parsed == []
+    assert rewards.accuracy_reward(ARITHMETIC, SUM, wrap("42", "x" * 1000)) == 1.0 and parsed
+    for not_text in (42, None, b"<think>x</think><answer>42</answer>", ["42"]):
+        assert ARITHMETIC.verify(SUM, not_text) is False
+        assert rewards.accuracy_reward(ARITHMETIC, SUM, not_text) == 0.0

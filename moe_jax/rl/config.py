@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from moe_jax.models.sampler import SamplingConfig
 from moe_jax.rl.grpo import ADVANTAGE_SCALES, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from moe_jax.rl.health import HealthConfig
 from moe_jax.rl.rewards import parse_reward_weights
 from moe_jax.train.experiment_config import (
     LoopConfig,
@@ -88,6 +89,7 @@ class GRPOConfig(RunConfig):
     rewards: str = "accuracy=1.0,format=0.1"  # reward-registry names and their weights
     dynamic_sampling: bool = False  # DAPO: train on groups whose rewards differ, sampling more
     max_resamples: int = 3  # extra prompt batches dynamic sampling may draw per step
+    health: HealthConfig = dataclasses.field(default_factory=HealthConfig)  # divergence and collapse checks
 
     def __post_init__(self) -> None:
         super().__post_init__()

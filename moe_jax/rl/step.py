@@ -75,14 +75,15 @@ def make_grpo_step(model: Transformer, optimizer: nnx.Optimizer, loss: GRPOLoss,
             minibatch = jax.tree.map(lambda x: x[index % loss.minibatches], minibatches)
             chunks = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), minibatch)
             chunks["weight"] = _chunk_weight(loss, chunks["mask"])
-            metrics = accumulated_update(model, optimizer, chunk_loss, chunks)
+            metrics_C, update_metrics = accumulated_update(model, optimizer, chunk_loss, chunks)
             # Chunk means, except the loss: its chunks' shares add up to the minibatch's loss.
-            metrics = {k: v if k == "grad_norm" else v.sum(0) if k == "policy_loss" else v.mean(0)
-                       for k, v in metrics.items()}
+            metrics = {**{k: v.sum(0) if k == "policy_loss" else v.mean(0) for k, v in metrics_C.items()},
+                       **update_metrics}
             return nnx.state((model, optimizer)), metrics
 
         state, metrics = jax.lax.scan(update, state, jnp.arange(updates))
-        return state, jax.tree.map(lambda m: m.mean(0), metrics)
+        # Means over the updates; the state is finite only if it was after every one of them.
+        return state, {**jax.tree.map(lambda m: m.mean(0), metrics), "state_finite": metrics["state_finite"].min()}
 
     return jit_over_mesh(step, state, mesh, donate=True, rules=rules), state
 

@@ -28,11 +28,13 @@ from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.rl import grpo
 from moe_jax.rl.config import GRPOConfig
+from moe_jax.rl.health import HealthMonitor
 from moe_jax.rl.policy import completion_width, rollout_rows
 from moe_jax.rl.rewards import parse_reward_weights
 from moe_jax.rl.sampling import sample_and_score
 from moe_jax.rl.step import make_grpo_step, make_logprob_fn
 from moe_jax.train import driver
+from moe_jax.train.context import RunContext
 from moe_jax.train.evaluation import Evaluator
 
 
@@ -42,7 +44,8 @@ def reward_metrics(scores: dict[str, np.ndarray], group_size: int) -> dict[str, 
     metrics = {f"rewards/{name}/mean": float(np.mean(values)) for name, values in scores.items() if name != "total"}
     metrics.update({"reward": float(total_B.mean()),
                     "reward_std": float(total_B.reshape(-1, group_size).std(axis=1, ddof=1).mean()),
-                    "frac_reward_zero_std": float(np.mean(grpo.zero_std_groups(total_B, group_size)))})
+                    "frac_reward_zero_std": float(np.mean(grpo.zero_std_groups(total_B, group_size))),
+                    "frac_reward_zero": float(np.mean(total_B == 0))})
     return metrics
 
 
@@ -56,7 +59,7 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
     """The parts of a GRPO run: prompt batches, the sample-score-update step (`GRPOStepper`),
     greedy held-out accuracy (also at step 0, the curve's starting point)."""
 
-    def build(context: driver.RunContext) -> driver.RunParts:
+    def build(context: RunContext) -> driver.RunParts:
         mesh, rules = context.mesh, context.rules
         # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
         reference = (make_logprob_fn(context.model, cfg.sampling, mesh=mesh, rules=rules),
@@ -72,7 +75,7 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
         return driver.RunParts(
             step=stepper, state=state, data=prompts, data_key="prompts",
             evaluate=Evaluator(cfg, context.task, context.tokenizer, mesh), evaluate_at_start=True,
-            progress_keys={"reward": "reward", "eval/accuracy": "acc"},
+            progress_keys={"reward": "reward", "eval/accuracy": "acc"}, check=HealthMonitor(cfg.health),
             plot_keys=["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length", "kl",
                        "entropy", "clip_ratio/region_mean", "grad_norm"])
 
@@ -80,11 +83,12 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
 
 
 def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
-               init_from: str | None = None, hooks: Sequence[driver.Hook] = ()) -> dict[str, Any]:
+               init_from: str | None = None, hooks: Sequence[driver.Hook] = (),
+               allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) GRPO in `workdir` (`driver.run`'s contract). `init_from` gives the starting
     policy, which is also the frozen reference when `beta` > 0 (so it is read on resume too)."""
     return driver.run(cfg, workdir, grpo_run(cfg), mesh_spec=mesh_spec, init_from=init_from,
-                      init_from_on_resume=True, hooks=hooks)
+                      init_from_on_resume=True, hooks=hooks, allow_config_change=allow_config_change)
 
 
 def _informative_groups(cfg: GRPOConfig, first: dict[str, np.ndarray], sample_more) -> tuple[dict, int]:

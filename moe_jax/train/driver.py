@@ -1,16 +1,19 @@
 """The run driver: everything a run needs but its step, its data and its evaluation.
 
 Every kind of run — pretraining, SFT, GRPO, and each pipeline or distillation stage — is
-`run(cfg, workdir, build)`. The driver owns the workdir (`moe_jax.train.workdir`: config check,
-`config.json`, the tokenizer copy, `DONE`), the setup (mesh, tokenizer, task, the model and its
-optimizer born sharded, `--init_from`), resume (model, optimizer, router biases, step and data
-position), the loop's services (hooks, SIGTERM checkpointing, the NaN guard, evaluation, saving,
+`run(cfg, workdir, build)`. The driver owns the workdir (`moe_jax.train.workdir`: the lock, the
+config check, `config.json`, the tokenizer copy, `DONE`), the setup (`moe_jax.train.context`:
+mesh, tokenizer, task, the model and its optimizer born sharded, `--init_from`), resume from the
+newest checkpoint that verifies (model, optimizer, router biases, step and data position), the
+loop's services (hooks, SIGTERM checkpointing, the finite-state guard, evaluation, saving,
 metrics, progress and the plot) and the summary it returns. `build(context) -> RunParts` is what a
 kind of run writes: its step, its data iterator and its evaluation.
 
 The loop dispatches step N before it fetches step N-1's metrics, so the host never stalls the
-device for logging; it syncs only to checkpoint or evaluate, and checks the loss of every step up
-to N before step N's state is saved, so a NaN state is never written.
+device for logging; it syncs only to checkpoint or evaluate. Before step N's state is saved, every
+step up to N is checked: a finite loss and gradient norm, and parameters and optimizer state that
+are all finite (`state_finite`, computed on device inside the step) — so a non-finite state is
+never written. A background save that fails stops the run at the next step with one line.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -25,18 +29,14 @@ from typing import Any, Protocol
 import jax
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh
 
-from moe_jax.data.tasks import Task, make_task
-from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
-from moe_jax.models import Transformer
-from moe_jax.parallel import init_sharded, make_mesh, parse_rules
-from moe_jax.parallel.rules import Rules
 from moe_jax.train import workdir as workdir_format
-from moe_jax.train.checkpoint import Checkpointer
-from moe_jax.train.experiment_config import RunConfig, parse_options
+from moe_jax.train.checkpoint import Checkpointer, CheckpointError
+from moe_jax.train.context import RunContext, load_init_from, make_context
+from moe_jax.train.experiment_config import RunConfig
+from moe_jax.train.lock import lock_workdir
 from moe_jax.train.metrics import mfu
-from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from moe_jax.train.optimizer import learning_rate_schedule
 from moe_jax.train.preemption import PreemptionWatcher
 from moe_jax.train.run_log import RunLog
 
@@ -51,20 +51,6 @@ class Checkpointable(Protocol):
     def get_state(self) -> Any: ...
 
     def set_state(self, state: Any) -> None: ...
-
-
-@dataclasses.dataclass
-class RunContext:
-    """What the driver has set up before a kind of run adds its parts: the model and optimizer
-    are initialised in their shardings (and loaded from `--init_from` when the run starts)."""
-
-    cfg: RunConfig
-    mesh: Mesh
-    rules: Rules
-    tokenizer: Tokenizer
-    task: Task
-    model: Transformer
-    optimizer: nnx.Optimizer
 
 
 @dataclasses.dataclass
@@ -85,72 +71,14 @@ class RunParts:
     evaluate_at_start: bool = False
     progress_keys: Mapping[str, str] | None = None
     plot_keys: Sequence[str] | None = None
+    # `check(step, host metrics)` after each step's finite check: a run's own health signals
+    # (it raises to stop the run, logs to warn)
+    check: Callable[[int, dict[str, Any]], None] | None = None
+
+
 
 
 BuildRun = Callable[[RunContext], RunParts]
-
-
-def resolve_compute_dtype(name: str) -> str:
-    """'auto': bf16 activations on GPU/TPU (params stay fp32, the master weights), fp32 on CPU."""
-    if name != "auto":
-        return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def init_model_and_optimizer(cfg: RunConfig, mesh: Mesh) -> tuple[Transformer, nnx.Optimizer]:
-    """The model (compute dtype resolved for this platform) and its AdamW optimizer, created
-    directly in their shardings over `mesh` (under `cfg.sharding_rules`)."""
-    model_cfg = dataclasses.replace(cfg.model, compute_dtype=resolve_compute_dtype(cfg.compute_dtype))
-    opt = cfg.optimizer
-    optimizer_tx = make_optimizer(opt.learning_rate, warmup_steps=opt.warmup_steps, total_steps=cfg.steps,
-                                  weight_decay=opt.weight_decay, clip_norm=opt.clip_norm)
-
-    def make_model_and_optimizer():  # Rngs made inside: the initialiser is traced under jit
-        model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
-        return model, nnx.Optimizer(model, optimizer_tx, wrt=nnx.Param)
-
-    return init_sharded(make_model_and_optimizer, mesh, parse_rules(cfg.sharding_rules))
-
-
-def setup(cfg: RunConfig, mesh_spec: str | None = None, tokenizer: str | None = None) -> RunContext:
-    """Mesh, tokenizer (checked against the vocabulary), task, and the model and optimizer in
-    their shardings: every run's setup, and the benchmarks'. `tokenizer` overrides
-    `cfg.tokenizer` (a workdir's own copy)."""
-    mesh = make_mesh(mesh_spec or "auto")
-    loaded = load_tokenizer(tokenizer or cfg.tokenizer)
-    if loaded.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"{type(cfg).__name__}.model.vocab_size: {cfg.model.vocab_size} < the tokenizer's "
-                         f"{loaded.vocab_size} ids. Fix: --config.model.vocab_size={loaded.vocab_size}")
-    task = make_task(cfg.task, **parse_options(cfg.task_options))
-    model, optimizer = init_model_and_optimizer(cfg, mesh)
-    return RunContext(cfg, mesh, parse_rules(cfg.sharding_rules), loaded, task, model, optimizer)
-
-
-def load_init_from(model: Transformer, init_from: str) -> None:
-    """Starting weights: a run or Orbax checkpoint path, or `hf:<folder>`, a Hugging Face model
-    folder, read shard by shard straight into the model's shardings."""
-    if init_from.startswith("hf:"):
-        from moe_jax.interop import load_hf_into  # only runs that ask for it pay the import
-
-        folder = init_from[len("hf:"):]
-        try:
-            load_hf_into(model, folder)
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"--init_from={init_from}: {e}. Fix: give config.model the checkpoint's "
-                             "architecture (a preset such as --config=qwen2.5-0.5b, or "
-                             "--config.model.<field>=... overrides)") from e
-        logging.info("initialised the model from the Hugging Face folder %s", folder)
-        return
-    directory, step = workdir_format.checkpoint_location(init_from)
-    checkpointer = Checkpointer(directory, save_every=1)
-    try:
-        nnx.update(model, checkpointer.restore_model(nnx.state(model), step))
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"--init_from={init_from}: its model does not fit config.model ({e}). Fix: "
-                         "give config.model the architecture of the run it came from") from e
-    finally:
-        checkpointer.close()
-    logging.info("initialised the model from %s (step %s)", directory, step or "latest")
 
 
 def host_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,34 +94,53 @@ def host_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_finite(step: int, metrics: Mapping[str, Any], last_good: int | None) -> None:
-    """FloatingPointError when the step's loss or gradient norm is NaN/Inf (before anything of
-    that step is saved)."""
+    """FloatingPointError when the step's loss or gradient norm is NaN/Inf, or its parameters or
+    optimizer state are not all finite (before anything of that step is saved)."""
+    fix = ("Fix: continue from that checkpoint with a gentler optimizer, e.g. rerun with "
+           "--allow_config_change=optimizer --config.optimizer.learning_rate=<lower> (or a longer "
+           "--config.optimizer.warmup_steps)")
+    where = f"the last good checkpoint is step {last_good}" if last_good else "no checkpoint was saved yet"
     for name in ("loss", "grad_norm"):
         if not math.isfinite(metrics[name]):
-            raise FloatingPointError(
-                f"step {step}: {name} is {metrics[name]}; stopping without saving this state (the last "
-                f"good checkpoint is step {last_good}). Fix: lower learning_rate or raise warmup_steps, "
-                "then rerun (it resumes from that checkpoint)")
+            raise FloatingPointError(f"step {step}: {name} is {metrics[name]}; stopping without saving this "
+                                     f"state ({where}). {fix}")
+    if metrics.get("state_finite", 1.0) != 1.0:
+        raise FloatingPointError(f"step {step}: the parameters or optimizer state are not all finite; stopping "
+                                 f"without saving this state ({where}). {fix}")
 
 
 def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None = None,
-        init_from: str | None = None, init_from_on_resume: bool = False, hooks: Sequence[Hook] = ()
-        ) -> dict[str, Any]:
+        init_from: str | None = None, init_from_on_resume: bool = False, hooks: Sequence[Hook] = (),
+        allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) the run `build` describes in `workdir`; returns `{"status", "step",
     "metrics"}` where status is "finished" or "preempted" (SIGTERM: checkpointed, rerun to
     continue). A finished run (its `DONE`) returns its final metrics without building anything.
-    A NaN/Inf loss raises FloatingPointError. `init_from` (a run, a checkpoint or `hf:<folder>`)
-    gives the starting weights of a new run; a resumed run ignores it unless
-    `init_from_on_resume` (GRPO: it is the KL term's reference)."""
-    workdir_format.check_config(cfg, workdir)
+    A non-finite loss or state raises FloatingPointError. `init_from` (a run, a checkpoint or
+    `hf:<folder>`) gives the starting weights of a new run; a resumed run ignores it unless
+    `init_from_on_resume` (GRPO: it is the KL term's reference). `allow_config_change` names the
+    config paths (or parts, e.g. `optimizer`) a resumed run may change; the changes are recorded
+    in the workdir. Another live run on `workdir` makes this one fail at once (WorkdirLockedError)."""
+    if init_from and not init_from.startswith("hf:") and not os.path.exists(init_from):
+        raise FileNotFoundError(f"--init_from={init_from}: no such run or checkpoint. Fix: give a run's "
+                                "workdir, one of its checkpoints/<step> directories, or hf:<folder>")
+    with lock_workdir(workdir):
+        return _run_locked(cfg, workdir, build, mesh_spec=mesh_spec, init_from=init_from,
+                           init_from_on_resume=init_from_on_resume, hooks=hooks,
+                           allow_config_change=allow_config_change)
+
+
+def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None, init_from: str | None,
+                init_from_on_resume: bool, hooks: Sequence[Hook], allow_config_change: Sequence[str]
+                ) -> dict[str, Any]:
+    changes = workdir_format.check_config(cfg, workdir, allow_config_change)
     done = workdir_format.read_done(workdir)
-    if done is not None:
+    if done is not None and not changes:
         logging.info("%s finished at step %d; nothing to do", workdir, done["step"])
         return {"status": "finished", "step": done["step"], "metrics": done["metrics"]}
-    context = setup(cfg, mesh_spec, tokenizer=workdir_format.tokenizer_path(workdir, cfg))
+    context = make_context(cfg, mesh_spec, tokenizer=workdir_format.tokenizer_path(workdir, cfg))
     loop = cfg.loop
     checkpointer = Checkpointer(workdir_format.checkpoint_dir(workdir), save_every=loop.checkpoint_every,
-                                keep=loop.keep_checkpoints)
+                                keep=loop.keep_checkpoints, damaged_dir=workdir_format.damaged_dir(workdir))
     if init_from and (init_from_on_resume or checkpointer.latest_step() is None):
         load_init_from(context.model, init_from)
     parts = build(context)  # a bad dataset file fails here, before the workdir is written
@@ -207,6 +154,9 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
         start, state, data_state = restored
         parts.data.set_state(data_state[parts.data_key])
         logging.info("resumed %s from step %d", workdir, start)
+    if changes and is_lead:
+        workdir_format.record_config_changes(workdir, start or None, changes)
+        logging.warning("%s goes on from step %d with changed settings:\n  %s", workdir, start, "\n  ".join(changes))
 
     schedule = learning_rate_schedule(cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.steps)
     run_log = RunLog(workdir, steps=cfg.steps, start=start, is_lead=is_lead,
@@ -216,9 +166,11 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
     fetched_at: collections.deque[float] = collections.deque(maxlen=THROUGHPUT_WINDOW + 1)
 
     def fetch(step: int, device_metrics: dict) -> dict:
-        """Step `step`'s metrics on the host (waiting for it), checked finite, with lr and speed."""
+        """Step `step`'s metrics on the host (waiting for it), checked, with lr and speed."""
         host = host_metrics(device_metrics)
         check_finite(step, host, last_good)
+        if parts.check is not None:
+            parts.check(step, host)
         host["lr"] = float(schedule(step - 1))
         fetched_at.append(time.perf_counter())
         if parts.tokens_per_step and len(fetched_at) > 1:  # a window: one interval alone is jittery
@@ -233,7 +185,21 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
         logging.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
+    def check_saves(wait: bool = False) -> None:
+        """Stop at once, in one line, when a background save has failed (`wait`: for the pending
+        save to end first)."""
+        try:
+            if wait:
+                checkpointer.manager.wait_until_finished()
+            checkpointer.check_for_errors()
+        except Exception as e:  # noqa: BLE001 -- whatever the storage raised, the run must stop
+            raise CheckpointError(
+                f"saving a checkpoint to {checkpointer.directory} failed: {type(e).__name__}: {e}. The previous "
+                f"checkpoint (step {previous_save}) is intact. Fix: free space or fix the storage, then rerun "
+                "(it resumes from that checkpoint)") from None
+
     pending = None  # (step, device metrics) dispatched but not yet fetched
+    previous_save = last_good
     try:
         if start == 0 and parts.evaluate_at_start:  # the curve's starting point
             last_metrics = evaluate(0, state)
@@ -242,6 +208,7 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
             for step in range(start + 1, cfg.steps + 1):
                 state, metrics = parts.step(step, state)
                 data_state = parts.data.get_state()
+                check_saves()
                 if pending:
                     last_metrics = fetch(*pending)
                     run_log.write(pending[0], last_metrics)
@@ -254,11 +221,12 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
                 evaluate_now = final or step % loop.eval_every == 0
                 if not (save or evaluate_now):
                     continue
-                last_metrics, pending = fetch(step, metrics), None  # checks this step's loss before saving
+                last_metrics, pending = fetch(step, metrics), None  # checks this step before saving
                 if evaluate_now:
                     last_metrics.update(evaluate(step, state))
                 run_log.write(step, last_metrics)
                 if save:
+                    previous_save = last_good
                     checkpointer.save(step, state, {parts.data_key: data_state}, force=True)
                     last_good = step
                 fetched_at.clear()  # the next interval would include this sync's work
@@ -266,6 +234,7 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
                     status = "preempted"
                     logging.warning("preemption notice: saved step %d; rerun to resume", step)
                     break
+        check_saves(wait=True)
     finally:
         run_log.close()
         checkpointer.close()

@@ -85,11 +85,11 @@ def accumulate_gradients(loss_fn: Callable[[nnx.State, Any], tuple[jax.Array, An
 
 
 def accumulated_update(model: Transformer, optimizer: nnx.Optimizer, loss_fn: LossFn, chunks: Any
-                       ) -> dict[str, jax.Array]:
+                       ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """One optimizer update from the gradient of `loss_fn` summed over the chunks (leading axis
-    of every leaf), then the router-bias step from their summed loads; returns the chunks'
-    metrics stacked `[C, ...]` and `grad_norm`. Used by every step: the objective changes, the
-    update does not."""
+    of every leaf), then the router-bias step from their summed loads; returns (the chunks'
+    metrics stacked `[C, ...]`, the update's: `grad_norm` and `state_health`'s). Used by every
+    step: the objective changes, the update does not."""
     params_graph, params, rest = nnx.split(model, nnx.Param, ...)
     grads, metrics_C = accumulate_gradients(
         lambda params, chunk: loss_fn(nnx.merge(params_graph, params, rest), chunk), params, chunks)
@@ -97,7 +97,17 @@ def accumulated_update(model: Transformer, optimizer: nnx.Optimizer, loss_fn: Lo
     optimizer.update(model, grads)
     if load_CxLxE is not None and model.cfg.is_moe and model.cfg.router_bias_rate > 0:
         model.update_router_biases(load_CxLxE.sum(0))
-    return {**metrics_C, "grad_norm": optax.tree.norm(grads)}
+    return metrics_C, {"grad_norm": optax.tree.norm(grads), **state_health(model, optimizer)}
+
+
+def state_health(model: Transformer, optimizer: nnx.Optimizer) -> dict[str, jax.Array]:
+    """`state_finite` (1.0 when every parameter, router bias and optimizer moment is finite, else
+    0.0) and `param_norm` (the parameters' global norm): what the driver checks before a save and
+    a run's health check watches. Elementwise reductions over arrays the update just wrote, so XLA
+    fuses them with it."""
+    floats = [x for x in jax.tree.leaves(nnx.state((model, optimizer))) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = jnp.stack([jnp.isfinite(x).all() for x in floats]).all()
+    return {"state_finite": finite.astype(jnp.float32), "param_norm": optax.tree.norm(nnx.state(model, nnx.Param))}
 
 
 def jit_over_mesh(fn: Callable, state: nnx.State, mesh: Mesh | None, *, donate: bool,
@@ -137,9 +147,9 @@ def make_train_step(model: Transformer, optimizer: nnx.Optimizer, *, loss_fn: Lo
         if "segment_ids" in batch and "loss_mask" in batch:
             context[STEP_TARGETS] = count_targets(batch["segment_ids"], batch["loss_mask"], shifts)
         chunks = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
-        metrics = accumulated_update(model, optimizer, lambda m, chunk: loss_fn(m, {**chunk, **context}),
-                                     chunks)
-        metrics = {k: v if k == "grad_norm" else v.sum(0) for k, v in metrics.items()}
+        metrics_C, update_metrics = accumulated_update(
+            model, optimizer, lambda m, chunk: loss_fn(m, {**chunk, **context}), chunks)
+        metrics = {**{k: v.sum(0) for k, v in metrics_C.items()}, **update_metrics}
         return nnx.state((model, optimizer)), metrics
 
     return jit_over_mesh(step, state, mesh, donate=True, rules=rules), state

@@ -16,6 +16,7 @@ from moe_jax.configs import flops_per_token
 from moe_jax.data.pipelines import packed_batches, record_examples, task_examples
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.train import driver
+from moe_jax.train.context import RunContext
 from moe_jax.train.evaluation import Evaluator
 from moe_jax.train.experiment_config import ExperimentConfig
 from moe_jax.train.step import LossFn, lm_loss, make_eval_step, make_train_step
@@ -24,7 +25,7 @@ from moe_jax.train.step import LossFn, lm_loss, make_eval_step, make_train_step
 def lm_run(loss_fn: LossFn = lm_loss) -> driver.BuildRun:
     """The parts of a language-model run minimising `loss_fn` on the config's task stream."""
 
-    def build(context: driver.RunContext) -> driver.RunParts:
+    def build(context: RunContext) -> driver.RunParts:
         cfg, mesh = context.cfg, context.mesh
         train_step, state = make_train_step(context.model, context.optimizer, loss_fn=loss_fn,
                                             microbatches=cfg.microbatches, mesh=mesh, rules=context.rules)
@@ -53,8 +54,9 @@ def lm_run(loss_fn: LossFn = lm_loss) -> driver.BuildRun:
 
 
 def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
-          init_from: str | None = None, hooks: Sequence[driver.Hook] = (), loss_fn: LossFn = lm_loss
-          ) -> dict[str, Any]:
+          init_from: str | None = None, hooks: Sequence[driver.Hook] = (), loss_fn: LossFn = lm_loss,
+          allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or resume) the run in `workdir` (`driver.run`'s contract); `init_from` (a workdir,
     checkpoint path or `hf:<folder>`) supplies the starting weights of a new run."""
-    return driver.run(cfg, workdir, lm_run(loss_fn), mesh_spec=mesh_spec, init_from=init_from, hooks=hooks)
+    return driver.run(cfg, workdir, lm_run(loss_fn), mesh_spec=mesh_spec, init_from=init_from, hooks=hooks,
+                      allow_config_change=allow_config_change)

@@ -2,7 +2,10 @@
 
     config.json        the run's config (written before the first step; a rerun must agree)
     tokenizer.json     a copy of the run's Hugging Face tokenizer (none for the built-in "char")
+    LOCK               held by the run using the workdir (`moe_jax.train.lock`)
     checkpoints/<step>/{model,optimizer,data}   Orbax checkpoints (`moe_jax.train.checkpoint`)
+    checkpoints_damaged/<step>/                 checkpoints that failed to load or verify, kept
+    config_changes.jsonl                        settings changed on resume (`--allow_config_change`)
     metrics.jsonl, tensorboard/, metrics.png    the run's record (`moe_jax.train.run_log`)
     DONE               written last, when the run has finished: its final step and metrics
 
@@ -16,6 +19,7 @@ import datetime
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,6 +29,8 @@ from moe_jax.train.experiment_config import RunConfig, config_differences
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
 DONE_FILE = "DONE"
 
 
@@ -51,29 +57,49 @@ def read_config(workdir: str) -> dict[str, Any] | None:
     return _read_json(os.path.join(workdir, CONFIG_FILE))
 
 
-def check_config(cfg: RunConfig, workdir: str) -> None:
+def check_config(cfg: RunConfig, workdir: str, allowed: Sequence[str] = ()) -> list[str]:
     """Refuse to mix runs: a saved `config.json` must agree with `cfg` (cadence and layout fields
-    aside)."""
+    aside), except at the paths `allowed` names (a path or a part, e.g. `optimizer`); returns
+    those allowed differences."""
     saved = read_config(workdir)
     if saved is None:
-        return
+        return []
     try:  # a field added since the run was saved takes its default, as in `from_dict`
         saved = type(cfg).from_dict(saved).to_dict()
     except (TypeError, ValueError):
         pass  # compared as saved: the differences name what no longer fits
     differences = config_differences(saved, cfg.to_dict())
-    if differences:
+    changed = [line for line in differences if _is_allowed(line.split(":", 1)[0], allowed)]
+    refused = [line for line in differences if line not in changed]
+    if refused:
         raise ConfigConflictError(
-            f"{workdir} holds a run with a different config:\n  " + "\n  ".join(differences)
-            + f"\nFix: resume it with its own config (--config={os.path.join(workdir, CONFIG_FILE)}), or "
-              "give this run a new --workdir (--init_from=<that workdir> starts from its weights)")
+            f"{workdir} holds a run with a different config:\n  " + "\n  ".join(refused)
+            + f"\nFix: resume it with its own config (--config={os.path.join(workdir, CONFIG_FILE)}); to go on "
+              "from its last checkpoint with changed settings, name them: --allow_config_change="
+              + ",".join(line.split(":", 1)[0] for line in refused)
+              + "; or give this run a new --workdir (--init_from=<that workdir> starts from its weights)")
+    return changed
+
+
+def _is_allowed(path: str, allowed: Sequence[str]) -> bool:
+    return any(path == a or path.startswith(a + ".") for a in allowed)
+
+
+def record_config_changes(workdir: str, step: int | None, changes: Sequence[str]) -> None:
+    """Append the settings a resumed run changed (and from which checkpoint) to the run's record;
+    a finished run that goes on is no longer finished."""
+    record = {"at_checkpoint": step, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "changes": list(changes)}
+    with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if os.path.exists(os.path.join(workdir, DONE_FILE)):
+        os.remove(os.path.join(workdir, DONE_FILE))
 
 
 def prepare(cfg: RunConfig, workdir: str) -> bool:
-    """Create the workdir, refuse a conflicting saved config, write `config.json` and the copy of
-    the tokenizer (from process 0); returns whether this process is the one that writes."""
+    """Write `config.json` and the copy of the tokenizer (from process 0; `check_config` first);
+    returns whether this process is the one that writes."""
     os.makedirs(workdir, exist_ok=True)
-    check_config(cfg, workdir)
     is_lead = jax.process_index() == 0
     if is_lead:
         write_json_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
@@ -91,6 +117,10 @@ def tokenizer_path(workdir: str, cfg: RunConfig) -> str:
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def damaged_dir(workdir: str) -> str:
+    return os.path.join(workdir, DAMAGED_DIR)
 
 
 def checkpoint_location(path: str) -> tuple[str, int | None]:

@@ -48,7 +48,10 @@ class Task(abc.ABC):
         return format_prompt(problem.question, template)
 
     def verify(self, problem: Problem, completion: str) -> bool:
-        """Accuracy reward's judge: the completion is well formed and its answer is correct."""
+        """Accuracy reward's judge: the completion is well formed and its answer is correct
+        (anything that is not a string is not a completion: False, as the reward says 0)."""
+        if not isinstance(completion, str):
+            return False
         parsed = parse_completion(completion)
         return parsed.format_ok and self.check_answer(problem, parsed.answer)
 

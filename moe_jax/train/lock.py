@@ -1,0 +1,96 @@
+"""One run per workdir: an exclusive lock held for the run's life.
+
+`<workdir>/LOCK` is locked with `fcntl.flock`, which the kernel releases when the holding process
+exits in any way (a crash or SIGKILL included), so a lock left by a dead run is never stale: the
+next run takes it over and says whose it was. The file also names the holder (host, pid, start
+time) for the message a second run exits with. On a multi-process run the lead process alone
+takes the lock and tells the others whether it got it, so none of them hangs waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+LOCK_FILE = "LOCK"
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live run holds this workdir."""
+
+
+def _holder(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode("utf-8", "replace")
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "an unknown process"
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+
+
+@contextlib.contextmanager
+def _flock(workdir: str) -> Iterator[None]:
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirLockedError(
+                f"{workdir} is in use by another run: {_describe(_holder(fd))} (lock file {path}). Fix: "
+                "wait for that run to finish or stop it, or give this run another --workdir") from None
+        previous = _holder(fd)
+        if previous:
+            logging.info("%s: took over the lock of a run that is no longer running (%s)", workdir,
+                         _describe(previous))
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str) -> Iterator[None]:
+    """Hold `workdir` for the `with` block; a second run on it raises WorkdirLockedError at once,
+    naming the holder. Creates the workdir (only) if needed."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"--workdir={workdir} is a file. Fix: give a directory (it is created "
+                                 "if missing)")
+    if jax.process_count() == 1:
+        os.makedirs(workdir, exist_ok=True)
+        with _flock(workdir):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            try:
+                stack.enter_context(_flock(workdir))
+            except WorkdirLockedError as e:
+                error = e
+        got_it = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if error is not None:
+            raise error
+        if not got_it:
+            raise WorkdirLockedError(f"{workdir} is in use by another run (the lead process could not lock it)")
+        yield
