@@ -17,7 +17,12 @@ import os
 from absl import app, flags
 
 from moe_jax import config_flags
-from moe_jax.experiment_main import define_run_flags, run_and_report, setup_from_flags
+from moe_jax.experiment_main import (
+    define_run_flags,
+    run_and_report,
+    setup_from_flags,
+    user_errors_in_one_line,
+)
 from moe_jax.recipes import get_recipe, r1_zero_base_config
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.trainer import train_grpo
@@ -40,6 +45,10 @@ def main(argv: list[str]) -> None:
     if FLAGS.init_from:
         raise app.UsageError("r1_zero.py pretrains its own base model; to start RL from another "
                              "model use experiments/grpo.py --init_from=...")
+    if FLAGS.base_steps is not None and FLAGS.base_steps < 1:
+        raise app.UsageError(f"--base_steps must be >= 1, got {FLAGS.base_steps}")
+    if FLAGS.base_error_rate is not None and not 0 <= FLAGS.base_error_rate <= 1:
+        raise app.UsageError(f"--base_error_rate must lie in [0, 1], got {FLAGS.base_error_rate}")
     recipe = get_recipe(FLAGS.recipe if FLAGS.recipe.startswith("r1-zero-") else f"r1-zero-{FLAGS.recipe}")
     rl = config_flags.config_from_flags(defaults=dict(recipe.fields), config_class=GRPOConfig,
                                         model_defaults=dict(recipe.model_fields))
@@ -47,9 +56,10 @@ def main(argv: list[str]) -> None:
     base_dir = os.path.join(FLAGS.workdir, "base")
     base = r1_zero_base_config(rl, FLAGS.base_steps or recipe.base_steps,
                                recipe.base_error_rate if FLAGS.base_error_rate is None else FLAGS.base_error_rate)
-    run_and_report(train, base, base_dir, mesh_spec=FLAGS.mesh, allow_config_change=FLAGS.allow_config_change)
-    run_and_report(train_grpo, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
-                   init_from=base_dir, allow_config_change=FLAGS.allow_config_change)
+    with user_errors_in_one_line():
+        run_and_report(train, base, base_dir, mesh_spec=FLAGS.mesh, allow_config_change=FLAGS.allow_config_change)
+        run_and_report(train_grpo, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
+                       init_from=base_dir, allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":

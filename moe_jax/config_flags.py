@@ -24,7 +24,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from moe_jax.configs import ModelConfig, get_preset, list_presets
 from moe_jax.train import config_tree
@@ -136,11 +136,25 @@ def load_base(name_or_path: str, defaults: Mapping[str, Any], config_class: type
     if not os.path.exists(name_or_path):
         model = dataclasses.replace(get_preset(name_or_path), **model_defaults)
         return config_tree.build(config_class, {**config_tree.nest(defaults), "model": model})
-    with open(name_or_path) as f:
-        fields = json.load(f)
+    try:
+        with open(name_or_path, encoding="utf-8") as f:
+            fields = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"--config={name_or_path}: not a JSON file ({e}{where}). Fix: give a model preset "
+                         f"({', '.join(list_presets())}) or a JSON config file (a workdir's config.json)") from None
+    if not isinstance(fields, dict):  # a usage error like the others here, not a programming error
+        raise ValueError(f"--config={name_or_path}: holds a JSON {type(fields).__name__}, not an object. "  # noqa: TRY004
+                         "Fix: give a run config or ModelConfig fields as one JSON object")
     if "model" not in fields:
         config_tree.check_known(ModelConfig, fields)
         fields = {"model": fields}
+    missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(fields["model"]))
+    if missing:  # said, not silent: these come from ModelConfig's defaults, not from a preset
+        logging.warning("--config=%s gives %d of ModelConfig's fields; the other %d take ModelConfig's defaults "
+                        "(not a preset's): %s. To start from a preset instead: --config=<preset> "
+                        "--config.model.<field>=...", name_or_path, len(fields["model"]), len(missing),
+                        ", ".join(missing))
     file_tree = config_class.migrate(fields)
     merged = {**_flatten(config_tree.nest(defaults)), **_flatten({"model": model_defaults}), **_flatten(file_tree)}
     return config_class.from_dict(config_tree.nest(merged))

@@ -5,19 +5,30 @@ its summary printed as one JSON line), and the benchmarks' flags."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as py_logging
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from moe_jax import config_flags
+from moe_jax.data.records import DatasetError
 from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
 from moe_jax.recipes import get_recipe, recipes_for
 from moe_jax.rl.config import GRPOConfig
+from moe_jax.rl.health import RunHealthError
 from moe_jax.rl.trainer import train_grpo
+from moe_jax.train.checkpoint import CheckpointError
 from moe_jax.train.experiment_config import RunConfig
+from moe_jax.train.lock import WorkdirLockedError
 from moe_jax.train.trainer import train
+from moe_jax.train.workdir import ConfigConflictError
+
+SCRATCH = "scratch"  # --init_from=scratch: a fine-tuning recipe from a random init, on purpose
+USER_ERRORS = (ConfigConflictError, WorkdirLockedError, CheckpointError, DatasetError, FloatingPointError,
+               RunHealthError, FileNotFoundError, NotADirectoryError)
 
 
 def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -93,7 +104,25 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     `define_flags`): the recipe's config under the flags, run by its kind of run."""
     del argv
     cfg = config_from_recipe_flags(flag_values)
+    init_from = flag_values.init_from
+    if get_recipe(flag_values.recipe).needs_init_from and not init_from:
+        raise app.UsageError(f"--recipe={flag_values.recipe} trains a model further: give --init_from=<a run's "
+                             "workdir, a checkpoint or hf:<folder>> (--init_from=scratch starts from a random "
+                             "init, on purpose)")
     setup_from_flags(flag_values)
-    run_and_report(train_grpo if isinstance(cfg, GRPOConfig) else train, cfg, flag_values.workdir,
-                   mesh_spec=flag_values.mesh, init_from=flag_values.init_from,
-                   allow_config_change=flag_values.allow_config_change)
+    with user_errors_in_one_line():
+        run_and_report(train_grpo if isinstance(cfg, GRPOConfig) else train, cfg, flag_values.workdir,
+                       mesh_spec=flag_values.mesh, init_from=None if init_from == SCRATCH else init_from,
+                       allow_config_change=flag_values.allow_config_change)
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line() -> Iterator[None]:
+    """Errors about what the user gave or what the run met (a bad file, a busy or conflicting
+    workdir, a damaged checkpoint, a diverging run) end the script with their message and a
+    non-zero exit, without a traceback; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
+        sys.exit(1)

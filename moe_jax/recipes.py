@@ -34,6 +34,7 @@ class Recipe:
     model_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     base_steps: int | None = None  # R1-Zero: pretraining steps of the base model it builds
     base_error_rate: float = 0.1  # R1-Zero: the share of flawed traces in its base's corpus
+    needs_init_from: bool = False  # SFT and GRPO start from a trained model, never a random one
 
     def config(self, model: str | ModelConfig = "tiny-moe", overrides: Mapping[str, Any] | None = None
                ) -> RunConfig:
@@ -63,8 +64,9 @@ RECIPES: Mapping[str, Recipe] = {
     "pretrain": Recipe(ExperimentConfig),
     # Curated traces (no slips), the loss on responses only, and a gentler, shorter schedule.
     "sft": Recipe(ExperimentConfig, {"corpus.loss_on_prompt": False, "corpus.error_rate": 0.0,
-                                     "optimizer.learning_rate": 1e-3, "steps": 200, "optimizer.warmup_steps": 10}),
-    "grpo": Recipe(GRPOConfig),
+                                     "optimizer.learning_rate": 1e-3, "steps": 200, "optimizer.warmup_steps": 10},
+                  needs_init_from=True),
+    "grpo": Recipe(GRPOConfig, needs_init_from=True),
     "r1-zero-arithmetic": Recipe(GRPOConfig, _R1_ZERO_ARITHMETIC, base_steps=1000, base_error_rate=0.7),
     "r1-zero-countdown": Recipe(GRPOConfig, _R1_ZERO_COUNTDOWN, {"max_seq_len": 192}, base_steps=3000,
                                 base_error_rate=0.2),

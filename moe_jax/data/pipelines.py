@@ -35,10 +35,10 @@ def _example(task: Task, tokenizer: Tokenizer, seed: int, index: int, error_rate
     problem = problem_at(task, seed, index)
     # The solution's slips get their own stream, so error_rate never changes the problems.
     completion = task.completion(problem, np.random.default_rng([seed, index, 1]), error_rate)
-    prompt_ids = tokenizer.encode(task.prompt(problem, template), add_bos=True)
+    prompt = prompt_ids(task, tokenizer, problem, template)
     completion_ids = tokenizer.encode(completion, add_eos=True)
-    mask = [int(loss_on_prompt)] * len(prompt_ids) + [1] * len(completion_ids)
-    return {"tokens": np.asarray(prompt_ids + completion_ids, np.int32),
+    mask = [int(loss_on_prompt)] * len(prompt) + [1] * len(completion_ids)
+    return {"tokens": np.asarray(prompt + completion_ids, np.int32),
             "loss_mask": np.asarray(mask, np.int32)}
 
 
@@ -101,13 +101,24 @@ def packed_batches(examples: grain.MapDataset, *, seq_len: int, batch_size: int,
     return packed.batch(batch_size, drop_remainder=True).map(_rename_packed)
 
 
+def prompt_ids(task: Task, tokenizer: Tokenizer, problem: Problem, template: str) -> list[int]:
+    """bos + the tokens of `problem`'s prompt."""
+    return tokenizer.encode(task.prompt(problem, template), add_bos=True)
+
+
+def longest_prompt(task: Task, tokenizer: Tokenizer, *, seed: int, template: str, count: int = 512) -> int:
+    """The most tokens any of the first `count` prompts of stream `seed` takes: what a prompt
+    budget must hold, checked before anything compiles."""
+    return max(len(prompt_ids(task, tokenizer, problem_at(task, seed, i), template)) for i in range(count))
+
+
 def _prompt_row(task: Task, tokenizer: Tokenizer, seed: int, index: int, prompt_len: int,
                 template: str) -> dict[str, np.ndarray]:
-    problem = problem_at(task, seed, index)
-    ids = tokenizer.encode(task.prompt(problem, template), add_bos=True)
+    ids = prompt_ids(task, tokenizer, problem_at(task, seed, index), template)
     if len(ids) > prompt_len:
-        raise ValueError(f"prompt of problem {index} has {len(ids)} tokens > prompt_len={prompt_len}. "
-                         "Fix: raise prompt_len or use an easier task setting / shorter template")
+        raise ValueError(f"prompt of problem {index} has {len(ids)} tokens > the {prompt_len} a row leaves "
+                         "it (seq_len - sampling.max_new_tokens). Fix: raise seq_len or lower "
+                         "sampling.max_new_tokens")
     pad = prompt_len - len(ids)  # left padding: every prompt ends at the same slot
     return {"prompt_tokens": np.asarray([tokenizer.pad_id] * pad + ids, np.int32),
             "prompt_segment_ids": np.asarray([0] * pad + [1] * len(ids), np.int32),

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from moe_jax.data.pipelines import problem_at, rl_prompt_batches
+from moe_jax.data.pipelines import longest_prompt, problem_at, rl_prompt_batches
 from moe_jax.data.tasks import Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
@@ -36,6 +36,7 @@ from moe_jax.rl.step import make_grpo_step, make_logprob_fn
 from moe_jax.train import driver
 from moe_jax.train.context import RunContext
 from moe_jax.train.evaluation import Evaluator
+from moe_jax.train.experiment_config import config_error
 
 
 def reward_metrics(scores: dict[str, np.ndarray], group_size: int) -> dict[str, float]:
@@ -66,6 +67,12 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
                      jax.tree.map(jnp.copy, nnx.state(context.model))) if cfg.loss.beta > 0 else None
         grpo_step, state = make_grpo_step(context.model, context.optimizer, cfg.loss, sampling=cfg.sampling,
                                           microbatches=cfg.microbatches, mesh=mesh, rules=rules)
+        longest = longest_prompt(context.task, context.tokenizer, seed=cfg.seed, template=cfg.template)
+        if longest > cfg.prompt_len:
+            raise config_error(cfg, "seq_len", f"prompts of task {cfg.task!r} take up to {longest} tokens, but a "
+                               f"row leaves them seq_len - sampling.max_new_tokens = {cfg.prompt_len}",
+                               f"raise seq_len to at least {longest + cfg.max_new_tokens}, or lower "
+                               "sampling.max_new_tokens")
         local = process_batch_slice(cfg.prompts_per_step)
         prompts = iter(rl_prompt_batches(context.task, context.tokenizer, seed=cfg.seed,
                                          batch_size=local.stop - local.start, prompt_len=cfg.prompt_len,

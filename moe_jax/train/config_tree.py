@@ -61,6 +61,24 @@ def nest(changes: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+_SCALARS = (bool, int, float, str)
+
+
+def check_type(cls: type, name: str, value: Any, prefix: str = "") -> None:
+    """A ValueError naming the field when `value` is not of the scalar type field `name` of `cls`
+    declares (an int passes for a float; a bool never passes for a number)."""
+    hint = _hints(cls)[name]
+    allowed = tuple(t for t in typing.get_args(hint) or (hint,) if t in _SCALARS or t is type(None))
+    if not allowed:
+        return
+    if float in allowed and not isinstance(value, bool) and isinstance(value, int):
+        return
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"{cls.__name__}.{name} ({prefix}{name}): expected {wanted}, got "
+                         f"{type(value).__name__} {value!r}. Fix: write a {wanted}")
+
+
 def override(config: Any, changes: Mapping[str, Any], prefix: str = "") -> Any:
     """A copy of `config` with `changes` applied: dotted paths (`"optimizer.learning_rate"`) or
     nested dicts, to any depth; a changed part keeps its other fields. Every changed dataclass
@@ -72,6 +90,8 @@ def override(config: Any, changes: Mapping[str, Any], prefix: str = "") -> Any:
     for name, value in tree.items():
         if nested_class(cls, name) is not None and isinstance(value, Mapping):
             value = override(getattr(config, name), value, f"{prefix}{name}.")
+        elif nested_class(cls, name) is None:
+            check_type(cls, name, value, prefix)
         direct[name] = value
     return dataclasses.replace(config, **direct)
 
@@ -105,5 +125,7 @@ def build(cls: type, tree: Mapping[str, Any], prefix: str = "") -> Any:
             field = fields[name]
             default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
             value = override(default, value, f"{prefix}{name}.")
+        elif nested_class(cls, name) is None:
+            check_type(cls, name, value, prefix)
         kwargs[name] = value
     return cls(**kwargs)

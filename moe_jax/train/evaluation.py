@@ -16,7 +16,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from moe_jax.data.pipelines import packed_batches, problem_at, task_examples
+from moe_jax.data.pipelines import packed_batches, problem_at, prompt_ids, task_examples
 from moe_jax.data.tasks import Task
 from moe_jax.data.template import parse_completion
 from moe_jax.data.tokenizer import Tokenizer
@@ -72,7 +72,7 @@ class Evaluator:
             self.batches = [next(stream) for _ in range(cfg.corpus.eval_batches)]
         self.problems = [problem_at(task, seed, i) for i in range(cfg.loop.eval_problems)]
         self.prompts = left_padded_prompts(
-            [tokenizer.encode(task.prompt(p, cfg.template), add_bos=True) for p in self.problems],
+            [prompt_ids(task, tokenizer, p, cfg.template) for p in self.problems],
             tokenizer.pad_id)
 
     def loss(self, model_state: nnx.State) -> dict[str, float]:
