@@ -37,6 +37,18 @@ def leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[type, Any]]:
     return leaves
 
 
+def leaf_values(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every scalar field's value of a config tree, by dotted path."""
+    values = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            values.update(leaf_values(value, f"{prefix}{field.name}."))
+        else:
+            values[prefix + field.name] = value
+    return values
+
+
 def check_known(cls: type, fields: Mapping[str, Any], prefix: str = "") -> None:
     """Raise a ValueError naming unknown fields and listing the valid ones."""
     valid = [f.name for f in dataclasses.fields(cls)]

@@ -19,11 +19,12 @@ never written. A background save that fails stops the run at the next step with 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -185,21 +186,21 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
         logging.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def check_saves(wait: bool = False) -> None:
-        """Stop at once, in one line, when a background save has failed (`wait`: for the pending
-        save to end first)."""
+    @contextlib.contextmanager
+    def saving(intact: int | None) -> Iterator[None]:
+        """A save that fails — when it starts, in the background, or while the run waits for it —
+        stops the run at once with one line, naming the checkpoint known complete before it."""
         try:
-            if wait:
-                checkpointer.manager.wait_until_finished()
-            checkpointer.check_for_errors()
+            yield
         except Exception as e:  # noqa: BLE001 -- whatever the storage raised, the run must stop
+            cause = str(e).splitlines()[0] if str(e) else ""
             raise CheckpointError(
-                f"saving a checkpoint to {checkpointer.directory} failed: {type(e).__name__}: {e}. The previous "
-                f"checkpoint (step {previous_save}) is intact. Fix: free space or fix the storage, then rerun "
+                f"saving a checkpoint to {checkpointer.directory} failed: {type(e).__name__}: {cause}. The "
+                f"previous checkpoint (step {intact}) is intact. Fix: free space or fix the storage, then rerun "
                 "(it resumes from that checkpoint)") from None
 
     pending = None  # (step, device metrics) dispatched but not yet fetched
-    previous_save = last_good
+    last_complete = last_good  # the newest checkpoint known to be on disk whole
     try:
         if start == 0 and parts.evaluate_at_start:  # the curve's starting point
             last_metrics = evaluate(0, state)
@@ -208,7 +209,8 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
             for step in range(start + 1, cfg.steps + 1):
                 state, metrics = parts.step(step, state)
                 data_state = parts.data.get_state()
-                check_saves()
+                with saving(last_complete):  # the background save of an earlier step
+                    checkpointer.check_for_errors()
                 if pending:
                     last_metrics = fetch(*pending)
                     run_log.write(pending[0], last_metrics)
@@ -226,15 +228,21 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
                     last_metrics.update(evaluate(step, state))
                 run_log.write(step, last_metrics)
                 if save:
-                    previous_save = last_good
-                    checkpointer.save(step, state, {parts.data_key: data_state}, force=True)
+                    with saving(last_complete):  # one save at a time: the previous one ends first
+                        checkpointer.manager.wait_until_finished()
+                        checkpointer.check_for_errors()
+                    last_complete = last_good
+                    with saving(last_complete):
+                        checkpointer.save(step, state, {parts.data_key: data_state}, force=True)
                     last_good = step
                 fetched_at.clear()  # the next interval would include this sync's work
                 if stop:
                     status = "preempted"
                     logging.warning("preemption notice: saved step %d; rerun to resume", step)
                     break
-        check_saves(wait=True)
+        with saving(last_complete):
+            checkpointer.manager.wait_until_finished()
+            checkpointer.check_for_errors()
     finally:
         run_log.close()
         checkpointer.close()

@@ -199,6 +199,9 @@ def validate_run(cfg: RunConfig) -> None:
     def _fail(field: str, problem: str, fix: str) -> None:
         raise config_error(cfg, field, problem, fix)
 
+    for path, value in config_tree.leaf_values(cfg).items():  # every number of the tree, the model's too
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(path, f"must be a finite number, got {value}", "give a finite value")
     check_positive(cfg, "steps", "batch_size", "seq_len", "microbatches")
     if cfg.batch_size % cfg.microbatches:
         _fail("microbatches", f"{cfg.microbatches} does not divide batch_size={cfg.batch_size}",
