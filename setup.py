@@ -21,10 +21,11 @@ setup(
         "matplotlib",
         "tqdm",
         "array-record",  # ArrayRecord dataset files (moe_jax.data.records), read through grain
+        "safetensors",  # Hugging Face weights (moe_jax.interop): header validation, sliced reads
     ],
     extras_require={
         "test": ["pytest", "ruff"],
         # Hugging Face parity tests (tests/test_interop_*.py); moe_jax.interop itself needs none of it.
-        "hf": ["torch==2.13.0", "transformers", "safetensors"],
+        "hf": ["torch==2.13.0", "transformers"],
     },
 )

@@ -336,3 +336,69 @@ def test_9_setup_errors_come_before_anything_is_written(tmp_path):
         train(CFG, str(workdir), mesh_spec="data=3")
     assert not (workdir / "config.json").exists()
     train(CFG, str(workdir))  # the corrected command is not refused as a conflict
+
+
+def _hf_folder(tmp_path):
+    from interop_helpers import random_model
+
+    from moe_jax.interop import save_hf
+
+    cfg = dataclasses.replace(get_preset("qwen2.5-0.5b"), vocab_size=256, d_model=64, n_layers=1, d_ff=128,
+                              n_heads=4, n_kv_heads=2, max_seq_len=256)
+    folder = tmp_path / "hf"
+    save_hf(random_model(cfg, seed=0), cfg, str(folder))
+    return folder
+
+
+def _write_header_length(path, n):
+    data = bytearray(path.read_bytes())
+    data[:8] = n.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+HF_DAMAGE = {
+    "truncated weights": (lambda f: _truncate(f / "model.safetensors"), "model.safetensors: not a readable"),
+    "garbled header": (lambda f: _garble_at(f / "model.safetensors", 8), "model.safetensors: not a readable"),
+    "huge header length": (lambda f: _write_header_length(f / "model.safetensors", 1 << 60),
+                           "model.safetensors: not a readable"),
+    "config.json not JSON": (lambda f: (f / "config.json").write_text("{hidden_size: 64"), "config.json: not a JSON"),
+    "config.json wrong type": (lambda f: _edit_config(f, num_hidden_layers="one"), "config.json"),
+}
+
+
+def _garble_at(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 8] = b"\xff\x00{[\xfe\x01\x02]"
+    path.write_bytes(bytes(data))
+
+
+def _edit_config(folder, **fields):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+@pytest.mark.parametrize("damage", list(HF_DAMAGE))
+def test_10_a_damaged_hugging_face_folder_names_the_file_and_the_fix(tmp_path, damage):
+    from moe_jax.interop import load_hf
+
+    folder = _hf_folder(tmp_path)
+    do, says = HF_DAMAGE[damage]
+    do(folder)
+    with pytest.raises(ValueError, match="Fix: ") as error:
+        load_hf(str(folder))
+    assert says in str(error.value) and str(folder) in str(error.value)
+
+
+def test_10_nan_weights_are_refused_unless_asked_for(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from moe_jax.interop import load_hf
+
+    folder = _hf_folder(tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.norm.weight"][3] = np.nan
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weights of final_norm/scale hold NaN or Inf values.*allow_nonfinite=True"):
+        load_hf(str(folder))
+    _, model = load_hf(str(folder), allow_nonfinite=True)
+    assert np.isnan(np.asarray(model.final_norm.scale.get_value())).sum() == 1

@@ -56,9 +56,22 @@ def _is_var(x) -> bool:
 def read_hf_config(folder: str) -> tuple[ModelConfig, HFFormat]:
     """`config_from_hf` of `folder/config.json`, with the MTP depth of the weights actually stored
     (transformers writes `num_nextn_predict_layers` but never MTP weights)."""
-    with open(os.path.join(folder, CONFIG_FILE)) as f:
-        hf = json.load(f)
-    cfg, fmt = config_from_hf(hf, name=os.path.basename(os.path.normpath(folder)) or "hf")
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file. Fix: point at a Hugging Face model folder "
+                                "(config.json beside the safetensors weights)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e}). Fix: download it again") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: holds a JSON {type(hf).__name__}, not an object. Fix: download it again")  # noqa: TRY004
+    try:
+        cfg, fmt = config_from_hf(hf, name=os.path.basename(os.path.normpath(folder)) or "hf")
+    except (TypeError, AttributeError) as e:  # a field of the wrong type deep in the mapping
+        raise ValueError(f"{path}: a field has the wrong type ({type(e).__name__}: {e}). Fix: compare it with "
+                         "the model's original config.json") from None
     if cfg.mtp_depth:
         names = SafetensorsFolder(folder).names()
         stored = 0
@@ -114,9 +127,19 @@ def _layer_index(name: str) -> int:
     return -1
 
 
+class ArchitectureMismatchError(ValueError):
+    """A checkpoint's config.json describes another architecture than the model's."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint holds NaN or Inf weights."""
+
+
 def _fill_state(state: nnx.State, lazies: dict[str, hf_names.Lazy],
-                placement: Callable[[str, nnx.Variable], tuple[Sharding, np.dtype]]) -> nnx.State:
-    """Every variable of `state` (abstract or concrete) with its value read shard by shard."""
+                placement: Callable[[str, nnx.Variable], tuple[Sharding, np.dtype]], folder: str,
+                allow_nonfinite: bool = False) -> nnx.State:
+    """Every variable of `state` (abstract or concrete) with its value read shard by shard; a
+    shard with NaN/Inf values is refused unless `allow_nonfinite`."""
     remaining = dict(lazies)
 
     def fill(path, variable: nnx.Variable) -> nnx.Variable:
@@ -134,6 +157,10 @@ def _fill_state(state: nnx.State, lazies: dict[str, hf_names.Lazy],
             bounds = tuple((s.start, s.stop) for s in index)
             if bounds not in read:
                 read[bounds] = hf_names.read_slice(lazy, index).astype(dtype)
+                if not allow_nonfinite and not np.isfinite(read[bounds]).all():
+                    raise NonFiniteWeightsError(
+                        f"{folder}: the weights of {key} hold NaN or Inf values. Fix: use an intact checkpoint, or "
+                        "load it anyway with allow_nonfinite=True (moe_jax.interop.load_hf / load_hf_into)")
             return read[bounds]
 
         array = jax.make_array_from_callback(shape, sharding, shard)
@@ -146,8 +173,8 @@ def _fill_state(state: nnx.State, lazies: dict[str, hf_names.Lazy],
     return filled
 
 
-def load_hf(folder: str, dtype: Any = None, *, compute_dtype: str | None = None
-            ) -> tuple[ModelConfig, Transformer]:
+def load_hf(folder: str, dtype: Any = None, *, compute_dtype: str | None = None,
+            allow_nonfinite: bool = False) -> tuple[ModelConfig, Transformer]:
     """A Hugging Face model folder (config.json + safetensors) as `(ModelConfig, Transformer)`.
 
     Parameters are stored in `dtype` (default float32, the master-weight dtype training expects;
@@ -173,11 +200,11 @@ def load_hf(folder: str, dtype: Any = None, *, compute_dtype: str | None = None
         sharding = by_key[key] if active is not None else device
         return sharding, np.dtype(variable.get_value().dtype)
 
-    state = _fill_state(abstract_state, lazies, placement)
+    state = _fill_state(abstract_state, lazies, placement, folder, allow_nonfinite)
     return cfg, nnx.merge(graphdef, state)
 
 
-def load_hf_into(model: Transformer, folder: str) -> None:
+def load_hf_into(model: Transformer, folder: str, *, allow_nonfinite: bool = False) -> None:
     """Overwrite an existing (e.g. sharded, freshly initialised) model with a checkpoint's weights,
     keeping each parameter's sharding and dtype. The checkpoint's architecture must equal
     `model.cfg`'s (MTP modules the model lacks are skipped); a mismatch raises ValueError listing
@@ -188,7 +215,7 @@ def load_hf_into(model: Transformer, folder: str) -> None:
         hf_cfg = dataclasses.replace(hf_cfg, mtp_depth=model.cfg.mtp_depth)
     differences = architecture_differences(model.cfg, hf_cfg)
     if differences:
-        raise ValueError(f"{folder}: its config.json describes another architecture than the model's "
+        raise ArchitectureMismatchError(f"{folder}: its config.json describes another architecture than the model's "
                          "(model vs checkpoint): " + "; ".join(differences))
     lazies = _lazy_parameters(SafetensorsFolder(folder), model.cfg, fmt, skip_mtp_layers=skip_mtp)
 
@@ -196,7 +223,7 @@ def load_hf_into(model: Transformer, folder: str) -> None:
         value = variable.get_value()
         return value.sharding, np.dtype(value.dtype)
 
-    nnx.update(model, _fill_state(nnx.state(model), lazies, placement))
+    nnx.update(model, _fill_state(nnx.state(model), lazies, placement, folder, allow_nonfinite))
 
 
 def _to_host(array: jax.Array) -> np.ndarray:

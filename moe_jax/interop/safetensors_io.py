@@ -1,22 +1,28 @@
-"""Safetensors without torch: memory-mapped reading of a model folder, streaming sharded writing.
+"""Safetensors: lazily sliced reading of a model folder through the `safetensors` package,
+streaming sharded writing.
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N,
 N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`,
-then the raw little-endian data, offsets relative to its start. A folder holds `model.safetensors`
-or shards listed in `model.safetensors.index.json` (`{"weight_map": {name: file}}`).
+then the raw little-endian data. A folder holds `model.safetensors` or shards listed in
+`model.safetensors.index.json` (`{"weight_map": {name: file}}`).
 
-Reading maps every file with `np.memmap`; `SafetensorsFolder.tensor(name)` is a read-only numpy
-view, so slicing it reads (pages in) only that slice. Writing streams tensor by tensor, so a shard
-never has to exist in memory at once.
+Reading goes through `safetensors.safe_open(..., framework="numpy")`, which memory-maps the file
+and validates its header (a truncated, garbled or oversized header is refused with a message
+naming the file); `SafetensorsFolder.tensor(name)` is a `TensorView`, whose slicing reads only
+the requested part through `get_slice`, also after the transposes and axis splits the layout rules
+apply — so each device still reads only its own shard. Writing streams tensor by tensor, so a
+shard never has to exist in memory at once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -47,38 +53,125 @@ class TensorInfo:
     file: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    begin: int  # absolute byte offset in the file
-    end: int
 
 
-def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors of one safetensors file (absolute offsets) and its `__metadata__`."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, entry in header.items():
-        if entry["dtype"] not in DTYPES:
-            raise ValueError(
-                f"{path}: tensor {name!r} has dtype {entry['dtype']}, which moe_jax does not load "
-                "(quantized checkpoints, e.g. DeepSeek-V3's FP8 release, are not supported). Fix: "
-                "use a BF16/FP16/FP32 checkpoint, or dequantize this one first")
-        begin, end = entry["data_offsets"]
-        tensors[name] = TensorInfo(path, DTYPES[entry["dtype"]], tuple(entry["shape"]),
-                                   8 + n + begin, 8 + n + end)
-    return tensors, metadata
+class TensorView:
+    """A tensor of a safetensors file, read lazily, with the numpy view operations the layout
+    rules use — `view[index]` (a slice or an integer array per axis), `.T`, `.transpose(axes)`,
+    `.reshape` (splitting axes; one that merges axes reads the tensor whole) — none of which reads
+    anything; `np.asarray(view)` reads only the bounding box of the selection on each of the file's
+    axes, through `get_slice`.
+
+    The file's axis b is split into sub-axes of sizes `groups[b]` (row-major); the view shows
+    the sub-axes in the order `shown`, each restricted to the indices `selection[sub-axis]`."""
+
+    def __init__(self, source: Any, base_shape: tuple[int, ...], dtype: np.dtype,
+                 groups: tuple[tuple[int, ...], ...] | None = None,
+                 shown: tuple[tuple[int, int], ...] | None = None,
+                 selection: dict[tuple[int, int], np.ndarray] | None = None):
+        self.source, self.base_shape, self.dtype = source, base_shape, dtype
+        self.groups = tuple((d,) for d in base_shape) if groups is None else groups
+        self.shown = tuple((b, 0) for b in range(len(base_shape))) if shown is None else shown
+        self.selection = selection if selection is not None else {
+            (b, j): np.arange(d) for b, group in enumerate(self.groups) for j, d in enumerate(group)}
+        self.shape = tuple(len(self.selection[axis]) for axis in self.shown)
+        self.ndim = len(self.shape)
+
+    def _with(self, **changes: Any) -> TensorView:
+        fields = {"groups": self.groups, "shown": self.shown, "selection": self.selection, **changes}
+        return TensorView(self.source, self.base_shape, self.dtype, **fields)
+
+    def __getitem__(self, index: Any) -> TensorView:
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        selection = dict(self.selection)
+        for axis, part in zip(self.shown, index, strict=True):
+            if not isinstance(part, slice) and np.ndim(part) != 1:
+                raise IndexError("a TensorView takes a slice or a 1-D integer array per axis")
+            selection[axis] = selection[axis][part]
+        return self._with(selection=selection)
+
+    def transpose(self, *axes: int) -> TensorView:
+        axes = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        return self._with(shown=tuple(self.shown[a] for a in (axes or reversed(range(self.ndim)))))
+
+    @property
+    def T(self) -> TensorView:
+        return self.transpose()
+
+    def reshape(self, *shape: int) -> TensorView | np.ndarray:
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        pristine = all(len(self.selection[(b, j)]) == d for b, group in enumerate(self.groups)
+                       for j, d in enumerate(group))
+        splits, rest = [], list(shape)
+        for size in self.shape:  # each shown axis splits into the next dims whose product is its size
+            taken = []
+            while rest and math.prod(taken) < size:
+                taken.append(rest.pop(0))
+            while rest and rest[0] == 1 and math.prod(taken) == size:
+                taken.append(rest.pop(0))
+            splits.append(taken)
+        if not pristine or rest or any(math.prod(t) != n for t, n in zip(splits, self.shape, strict=True)):
+            return np.asarray(self).reshape(shape)  # a merge across axes: read it whole
+        groups = [list(group) for group in self.groups]
+        renumber: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for (b, j), taken in sorted(zip(self.shown, splits, strict=True), reverse=True):
+            groups[b][j:j + 1] = taken  # right to left, so earlier positions stay valid
+        for b, group in enumerate(self.groups):
+            offset = 0
+            for j, _ in enumerate(group):
+                count = len(splits[self.shown.index((b, j))])
+                renumber[(b, j)] = [(b, offset + k) for k in range(count)]
+                offset += count
+        shown = tuple(sub for axis in self.shown for sub in renumber[axis])
+        new_groups = tuple(tuple(group) for group in groups)
+        selection = {(b, j): np.arange(d) for b, group in enumerate(new_groups) for j, d in enumerate(group)}
+        return self._with(groups=new_groups, shown=shown, selection=selection)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if 0 in self.shape:  # nothing to read (the reader refuses empty slices)
+            return np.empty(self.shape, dtype or self.dtype)
+        box_index, takes, natural = [], [], []
+        for b, group in enumerate(self.groups):
+            ids = [self.selection[(b, j)] for j in range(len(group))]
+            flat = np.ravel_multi_index(np.meshgrid(*ids, indexing="ij"), group).reshape(-1)
+            low = int(flat.min())
+            box_index.append(slice(low, int(flat.max()) + 1))  # the bounding box on the file's axis b
+            takes.append((flat - low, [len(i) for i in ids]))
+            natural += [(b, j) for j in range(len(group))]
+        box = np.asarray(self.source[tuple(box_index)])  # one axis per file axis
+        position = 0  # where file axis b sits once the axes before it are split
+        for take, sizes in takes:
+            box = np.take(box, take, axis=position)
+            box = box.reshape(box.shape[:position] + tuple(sizes) + box.shape[position + 1:])
+            position += len(sizes)
+        array = box.transpose([natural.index(axis) for axis in self.shown])
+        return array if dtype is None else array.astype(dtype)
+
+
+def _open(path: str) -> Any:
+    from safetensors import safe_open  # the maintained reader: it validates the header
+
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, ...: all say the file is unusable
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}). Fix: download it "
+                         "again (it may be truncated or damaged)") from None
 
 
 class SafetensorsFolder:
-    """All tensors of a Hugging Face model folder, by name, as lazily read numpy views."""
+    """All tensors of a Hugging Face model folder, by name, as lazily read `TensorView`s."""
 
     def __init__(self, folder: str):
         self.folder = folder
         index_path = os.path.join(folder, INDEX_FILE)
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index_path}: not a safetensors index ({type(e).__name__}: {e}). Fix: it must be "
+                                 'JSON with a "weight_map" of tensor name -> file; download it again') from None
         elif os.path.exists(os.path.join(folder, SINGLE_FILE)):
             files = [SINGLE_FILE]
         else:
@@ -87,10 +180,21 @@ class SafetensorsFolder:
                 "model folder with safetensors weights (PyTorch .bin checkpoints are not read; convert "
                 "them with transformers' save_pretrained(..., safe_serialization=True))")
         self.infos: dict[str, TensorInfo] = {}
+        self._files: dict[str, Any] = {}
         for file in files:
-            tensors, _ = read_header(os.path.join(folder, file))
-            self.infos.update(tensors)
-        self._maps: dict[str, np.memmap] = {}
+            path = os.path.join(folder, file)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{index_path}: lists {file}, which is not in {folder}. Fix: download it")
+            handle = self._files[path] = _open(path)
+            for name in handle.keys():  # noqa: SIM118 -- a safetensors handle, not a dict
+                info = handle.get_slice(name)
+                dtype = info.get_dtype()
+                if dtype not in DTYPES:
+                    raise ValueError(
+                        f"{path}: tensor {name!r} has dtype {dtype}, which moe_jax does not load "
+                        "(quantized checkpoints, e.g. DeepSeek-V3's FP8 release, are not supported). Fix: "
+                        "use a BF16/FP16/FP32 checkpoint, or dequantize this one first")
+                self.infos[name] = TensorInfo(path, DTYPES[dtype], tuple(info.get_shape()))
 
     def names(self) -> set[str]:
         return set(self.infos)
@@ -98,15 +202,12 @@ class SafetensorsFolder:
     def __contains__(self, name: str) -> bool:
         return name in self.infos
 
-    def tensor(self, name: str) -> np.ndarray:
-        """A read-only, memory-mapped view of tensor `name` (nothing is read until it is sliced)."""
+    def tensor(self, name: str) -> TensorView:
+        """Tensor `name`, read lazily (nothing is read until it is sliced)."""
         if name not in self.infos:
             raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
         info = self.infos[name]
-        if info.file not in self._maps:
-            self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        raw = self._maps[info.file][info.begin:info.end]
-        return raw.view(info.dtype).reshape(info.shape)
+        return TensorView(self._files[info.file].get_slice(name), info.shape, info.dtype)
 
 
 @dataclass(frozen=True)

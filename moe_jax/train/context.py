@@ -77,14 +77,17 @@ def load_init_from(model: Transformer, init_from: str) -> None:
     folder, read shard by shard straight into the model's shardings."""
     if init_from.startswith("hf:"):
         from moe_jax.interop import load_hf_into  # only runs that ask for it pay the import
+        from moe_jax.interop.hf_checkpoint import ArchitectureMismatchError
 
         folder = init_from[len("hf:"):]
         try:
             load_hf_into(model, folder)
-        except (ValueError, FileNotFoundError) as e:
+        except ArchitectureMismatchError as e:
             raise ValueError(f"--init_from={init_from}: {e}. Fix: give config.model the checkpoint's "
                              "architecture (a preset such as --config=qwen2.5-0.5b, or "
                              "--config.model.<field>=... overrides)") from e
+        except (ValueError, FileNotFoundError) as e:  # a damaged folder: its message names the file and fix
+            raise type(e)(f"--init_from={init_from}: {e}") from e
         logging.info("initialised the model from the Hugging Face folder %s", folder)
         return
     directory, step = workdir_format.checkpoint_location(init_from)

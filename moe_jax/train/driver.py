@@ -121,7 +121,7 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
     `init_from_on_resume` (GRPO: it is the KL term's reference). `allow_config_change` names the
     config paths (or parts, e.g. `optimizer`) a resumed run may change; the changes are recorded
     in the workdir. Another live run on `workdir` makes this one fail at once (WorkdirLockedError)."""
-    if init_from and not init_from.startswith("hf:") and not os.path.exists(init_from):
+    if init_from and not os.path.exists(init_from.removeprefix("hf:")):
         raise FileNotFoundError(f"--init_from={init_from}: no such run or checkpoint. Fix: give a run's "
                                 "workdir, one of its checkpoints/<step> directories, or hf:<folder>")
     with lock_workdir(workdir):
