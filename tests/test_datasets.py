@@ -72,7 +72,7 @@ def uninterrupted(files, tmp_path_factory):
     config = tmp_path_factory.mktemp("cfg") / "config.json"
     config.write_text(CFG.to_json())
     out = subprocess.run([sys.executable, "experiments/sft.py", f"--workdir={workdir}", f"--config={config}",
-                          f"--config.data={files[0]}"], cwd=REPO, capture_output=True, text=True,
+                          f"--config.data={files[0]}", "--init_from=scratch"], cwd=REPO, capture_output=True, text=True,
                          timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir

@@ -206,13 +206,13 @@ GRPO = GRPOConfig(model=MODEL, steps=4, batch_size=16, seq_len=40,
                   loss=GRPOLoss())
 
 
-def test_6_a_diverging_grpo_run_stops_naming_the_signal(tmp_path):
+def test_6_a_diverging_grpo_run_stops_naming_the_signal(tmp_path, monkeypatch):
     """A random policy earns no accuracy or format reward (no advantage, no gradient), so the
     run is given a reward that varies — the completion's length — and a learning rate of 1."""
     from moe_jax.rl import rewards
     from moe_jax.rl.trainer import train_grpo
 
-    rewards.register_reward("test_length")(lambda task, problem, completion: len(completion) / 16)
+    monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "test_length", lambda task, problem, completion: len(completion) / 16)
     with pytest.raises(RunHealthError, match=r"param_norm is .* more than health.max_param_growth=10"):
         train_grpo(override(GRPO, {"rewards": "test_length=1.0", "steps": 20}), str(tmp_path / "grpo"))
 

@@ -116,9 +116,8 @@ def _prompt_row(task: Task, tokenizer: Tokenizer, seed: int, index: int, prompt_
                 template: str) -> dict[str, np.ndarray]:
     ids = prompt_ids(task, tokenizer, problem_at(task, seed, index), template)
     if len(ids) > prompt_len:
-        raise ValueError(f"prompt of problem {index} has {len(ids)} tokens > the {prompt_len} a row leaves "
-                         "it (seq_len - sampling.max_new_tokens). Fix: raise seq_len or lower "
-                         "sampling.max_new_tokens")
+        raise ValueError(f"prompt of problem {index} has {len(ids)} tokens > prompt_len={prompt_len} (a row's "
+                         "seq_len - sampling.max_new_tokens). Fix: raise seq_len or lower sampling.max_new_tokens")
     pad = prompt_len - len(ids)  # left padding: every prompt ends at the same slot
     return {"prompt_tokens": np.asarray([tokenizer.pad_id] * pad + ids, np.int32),
             "prompt_segment_ids": np.asarray([0] * pad + [1] * len(ids), np.int32),
