@@ -59,28 +59,24 @@ def _copy(finished, tmp_path):
 
 
 HOLD_SCRIPT = """
-import json, pathlib, sys, time
-from moe_jax.train.experiment_config import ExperimentConfig
-from moe_jax.train.trainer import train
+import pathlib, sys, time
+from moe_jax.train.lock import lock_workdir
 
-def hold(step, state):
-    pathlib.Path(sys.argv[3]).write_text("holding")
+with lock_workdir(sys.argv[1]):  # what a run does for its whole life
+    pathlib.Path(sys.argv[2]).write_text("holding")
     time.sleep(600)
-
-train(ExperimentConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2], hooks=[hold])
 """
 
 
 def test_1_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_holder(tmp_path):
-    config, workdir, ready = tmp_path / "config.json", str(tmp_path / "run"), tmp_path / "ready"
-    config.write_text(CFG.to_json())
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(config), workdir, str(ready)], cwd=REPO,
+    workdir, ready = str(tmp_path / "run"), tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, workdir, str(ready)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while not ready.exists():
             assert holder.poll() is None and time.time() < deadline, holder.stderr.read()[-3000:] if holder.poll() else ""
-            time.sleep(0.2)
+            time.sleep(0.1)
         with pytest.raises(WorkdirLockedError, match=rf"in use by another run: pid {holder.pid} on host .*Fix:"):
             train(CFG, workdir)
     finally:
