@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from absl import app, flags, logging
 
 from moe_jax import config_flags
-from moe_jax.data.records import DatasetError
+from moe_jax.errors import InputError
 from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
 from moe_jax.recipes import get_recipe, recipes_for
 from moe_jax.rl.config import GRPOConfig
@@ -27,7 +27,7 @@ from moe_jax.train.trainer import train
 from moe_jax.train.workdir import ConfigConflictError
 
 SCRATCH = "scratch"  # --init_from=scratch: a fine-tuning recipe from a random init, on purpose
-USER_ERRORS = (ConfigConflictError, WorkdirLockedError, CheckpointError, DatasetError, FloatingPointError,
+USER_ERRORS = (InputError, ConfigConflictError, WorkdirLockedError, CheckpointError, FloatingPointError,
                RunHealthError, FileNotFoundError, NotADirectoryError)
 
 

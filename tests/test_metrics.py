@@ -13,7 +13,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from moe_jax.train.metrics import MetricsWriter, mfu, peak_flops_per_device, plot_metrics, read_metrics
-from moe_jax.train.progress import Progress
+from moe_jax.train.progress import Progress, format_number
 
 
 def read_tfrecords(path: str) -> list[bytes]:
@@ -136,7 +136,7 @@ def test_progress_on_a_file_prints_throttled_lines_with_eta():
     assert "\r" not in stream.getvalue()
     assert len(lines) == 2 and "100/300" in lines[0]
     assert lines[1].startswith(" 40%|####") and "120/300 [" in lines[1]
-    assert "step/s, loss 1.23 | tokens/s 5.40k]" in lines[1]
+    assert "step/s, loss 1.234 | tokens/s 5.40k]" in lines[1]
 
     stream = io.StringIO()
     progress = Progress(3, stream=stream, every_s=0.0)
@@ -158,4 +158,5 @@ def test_progress_on_a_tty_rewrites_the_line():
     progress.close()
     out = stream.getvalue()
     assert out.startswith("\r") and out.endswith("\n") and out.count("\n") == 1
-    assert "3/3 [" in out and "loss 0.50]" in out
+    assert "3/3 [" in out and "loss 0.5]" in out
+    assert [format_number(x) for x in (0.004123, 1.2345, 5400.0)] == ["0.004123", "1.234", "5.40k"]

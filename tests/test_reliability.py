@@ -159,13 +159,14 @@ def test_3_a_broken_newest_checkpoint_is_named_moved_aside_and_the_previous_one_
     assert "checkpoint step 4 is damaged" in caplog.text and "newest good one" in caplog.text
 
 
-def test_3_every_checkpoint_damaged_is_one_clear_error(finished, tmp_path, abstract_state):
+def test_3_no_loadable_checkpoint_is_one_clear_error_and_nothing_moves(finished, tmp_path, abstract_state):
     workdir = _copy(finished, tmp_path)
     for step in (2, 4):
         _flip_bits(workdir, step)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1)
-    with pytest.raises(CheckpointError, match=r"steps \[4, 2\] are damaged and were moved to .*Fix: rerun"):
+    with pytest.raises(CheckpointError, match=r"step 4: CheckpointError: .* step 2: .*Nothing was moved. Fix: "):
         checkpointer.restore(abstract_state)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
 
 
 def test_4_5_a_non_finite_state_is_never_saved_and_the_run_goes_on_with_a_gentler_optimizer(tmp_path):

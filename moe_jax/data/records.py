@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.errors import InputError
 
 REQUIRED_FIELDS = ("prompt", "response")
 OPTIONAL_TEXT_FIELDS = ("task", "source")
@@ -30,7 +31,7 @@ OPTIONAL_FIELDS = (*OPTIONAL_TEXT_FIELDS, "problem", "weight")
 JSONL_SUFFIX, ARRAY_RECORD_SUFFIX = ".jsonl", ".array_record"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset file the user gave is unusable: the message names the file, the place and the fix."""
 
 
@@ -62,6 +63,11 @@ def validate_record(record: Any, where: str) -> dict[str, Any]:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """Every record of a JSON Lines file, validated (blank lines are skipped)."""
+    return [record for _, record in _numbered_jsonl(path)]
+
+
+def _numbered_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, validated record) of every non-blank line of a JSON Lines file."""
     records = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -76,7 +82,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise _error(where, f"not JSON ({e.msg}, column {e.colno})", "write one JSON object per line") from None
-            records.append(validate_record(record, where))
+            records.append((line_no, validate_record(record, where)))
     if not records:
         raise _error(path, "no records", "give a file with at least one JSON object per line")
     return records
@@ -131,12 +137,21 @@ class _ArrayRecords(grain.sources.RandomAccessDataSource):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        where = f"{', '.join(self.paths)} record {index}"
+        where = self._where(index)
         try:
             record = json.loads(self.source[index].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _error(where, f"not UTF-8 JSON ({e})", "write records with moe_jax.data.records") from None
-        return validate_record(record, where)
+        return {**validate_record(record, where), "_where": where}
+
+    def _where(self, index: int) -> str:
+        """`<file> record <i>`: the file holding global record `index` and its place in it."""
+        for path in self.paths:
+            count = len(grain.sources.ArrayRecordDataSource([path]))
+            if index < count:
+                return f"{path} record {index}"
+            index -= count
+        return f"record {index} past the end of {self.paths}"
 
 
 def load_records(pattern: str) -> grain.MapDataset:
@@ -146,7 +161,7 @@ def load_records(pattern: str) -> grain.MapDataset:
     if paths[0].endswith(JSONL_SUFFIX):
         records = []
         for path in paths:
-            records += [{**record, "_where": f"{path}:{line}"} for line, record in enumerate(read_jsonl(path), 1)]
+            records += [{**record, "_where": f"{path}:{line}"} for line, record in _numbered_jsonl(path)]
         return grain.MapDataset.source(records)
     return grain.MapDataset.source(_ArrayRecords(paths))
 

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 
 from moe_jax.configs import ModelConfig
+from moe_jax.errors import InputError
 from moe_jax.interop import hf_names
 from moe_jax.interop.hf_config import (
     HFFormat,
@@ -64,13 +65,13 @@ def read_hf_config(folder: str) -> tuple[ModelConfig, HFFormat]:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON file ({e}). Fix: download it again") from None
+        raise InputError(f"{path}: not a JSON file ({e}). Fix: download it again") from None
     if not isinstance(hf, dict):
-        raise ValueError(f"{path}: holds a JSON {type(hf).__name__}, not an object. Fix: download it again")  # noqa: TRY004
+        raise InputError(f"{path}: holds a JSON {type(hf).__name__}, not an object. Fix: download it again")
     try:
         cfg, fmt = config_from_hf(hf, name=os.path.basename(os.path.normpath(folder)) or "hf")
     except (TypeError, AttributeError) as e:  # a field of the wrong type deep in the mapping
-        raise ValueError(f"{path}: a field has the wrong type ({type(e).__name__}: {e}). Fix: compare it with "
+        raise InputError(f"{path}: a field has the wrong type ({type(e).__name__}: {e}). Fix: compare it with "
                          "the model's original config.json") from None
     if cfg.mtp_depth:
         names = SafetensorsFolder(folder).names()
@@ -127,11 +128,11 @@ def _layer_index(name: str) -> int:
     return -1
 
 
-class ArchitectureMismatchError(ValueError):
+class ArchitectureMismatchError(InputError):
     """A checkpoint's config.json describes another architecture than the model's."""
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(InputError):
     """A checkpoint holds NaN or Inf weights."""
 
 

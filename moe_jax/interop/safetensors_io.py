@@ -27,6 +27,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from moe_jax.errors import InputError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -155,7 +157,7 @@ def _open(path: str) -> Any:
     try:
         return safe_open(path, framework="numpy")
     except Exception as e:  # noqa: BLE001 -- SafetensorError, OSError, ...: all say the file is unusable
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}). Fix: download it "
+        raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}). Fix: download it "
                          "again (it may be truncated or damaged)") from None
 
 
@@ -170,7 +172,7 @@ class SafetensorsFolder:
                 with open(index_path, encoding="utf-8") as f:
                     files = sorted(set(json.load(f)["weight_map"].values()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{index_path}: not a safetensors index ({type(e).__name__}: {e}). Fix: it must be "
+                raise InputError(f"{index_path}: not a safetensors index ({type(e).__name__}: {e}). Fix: it must be "
                                  'JSON with a "weight_map" of tensor name -> file; download it again') from None
         elif os.path.exists(os.path.join(folder, SINGLE_FILE)):
             files = [SINGLE_FILE]
@@ -190,7 +192,7 @@ class SafetensorsFolder:
                 info = handle.get_slice(name)
                 dtype = info.get_dtype()
                 if dtype not in DTYPES:
-                    raise ValueError(
+                    raise InputError(
                         f"{path}: tensor {name!r} has dtype {dtype}, which moe_jax does not load "
                         "(quantized checkpoints, e.g. DeepSeek-V3's FP8 release, are not supported). Fix: "
                         "use a BF16/FP16/FP32 checkpoint, or dequantize this one first")

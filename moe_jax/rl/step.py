@@ -1,7 +1,8 @@
 """The jitted GRPO step: μ inner iterations over the minibatches of one generation batch, each
-minibatch one optimizer update (its gradient accumulated over `microbatches` scans) (the clipped surrogate of `grpo.policy_loss` plus the MoE balance
-losses), each followed by the loss-free router-bias update — all one XLA program with the state
-donated and, over a mesh, kept in its sharding.
+minibatch one optimizer update of the clipped surrogate of `grpo.policy_loss` plus the MoE
+balance losses (its gradient accumulated over `microbatches` scans by the shared
+`train.step.accumulated_update`), each followed by the loss-free router-bias update — all one
+XLA program with the state donated and, over a mesh, kept in its sharding.
 
 The generation batch (`rollout`) holds, for B = prompts × G completions:
 `tokens`/`segment_ids` `[B, S]` (prompt + completion, `policy.rollout_rows`), `mask` `[B, N]`

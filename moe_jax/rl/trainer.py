@@ -93,9 +93,9 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
                init_from: str | None = None, hooks: Sequence[driver.Hook] = (),
                allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) GRPO in `workdir` (`driver.run`'s contract). `init_from` gives the starting
-    policy, which is also the frozen reference when `beta` > 0 (so it is read on resume too)."""
+    policy, which is also the frozen reference when `loss.beta` > 0 (then it is read on resume too)."""
     return driver.run(cfg, workdir, grpo_run(cfg), mesh_spec=mesh_spec, init_from=init_from,
-                      init_from_on_resume=True, hooks=hooks, allow_config_change=allow_config_change)
+                      init_from_on_resume=cfg.loss.beta > 0, hooks=hooks, allow_config_change=allow_config_change)
 
 
 def _informative_groups(cfg: GRPOConfig, first: dict[str, np.ndarray], sample_more) -> tuple[dict, int]:

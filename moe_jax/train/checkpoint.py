@@ -6,8 +6,8 @@ so a crash or kill mid-save never damages the last good checkpoint.
 Integrity: each save records, beside the data position, two 32-bit sums of every array's bytes
 (plain and position-weighted, computed on device: `fingerprints`). A restore recomputes them; a
 checkpoint whose sums differ (flipped bits) or that fails to load at all (a truncated, deleted or
-garbled file, a missing manifest) is reported by step and reason, moved aside to `damaged_dir`
-(never deleted), and the next newest is tried.
+garbled file, a missing manifest) is reported by step and reason and the next newest is tried;
+once an older one loads, the failed newer ones are moved aside to `damaged_dir` (never deleted).
 
 Layout: `<step>/{model,optimizer,data}` inside the directory it is given (a run's
 `checkpoints/`, `moe_jax.train.workdir`)."""
@@ -111,10 +111,13 @@ class Checkpointer:
             return restored
         for name in items:
             got = fingerprints(restored[name])
-            bad = sorted(path for path in saved[name] if got.get(path) != saved[name][path])
-            if bad or set(got) != set(saved[name]):
+            if set(got) != set(saved[name]):
+                raise CheckpointError(f"its {name} arrays are not the ones saved (differing: "
+                                      f"{sorted(set(got) ^ set(saved[name]))[:3]})")
+            bad = sorted(path for path in saved[name] if got[path] != saved[name][path])
+            if bad:
                 raise CheckpointError(f"{len(bad)} of its {len(saved[name])} {name} arrays fail their checksum "
-                                      f"(first: {name}{bad[0] if bad else ''})")
+                                      f"(first: {name}{bad[0]})")
         return restored
 
     def _move_aside(self, step: int, reason: str) -> None:
@@ -133,8 +136,9 @@ class Checkpointer:
                 ) -> tuple[int, nnx.State, dict[str, Any]] | None:
         """(step, state, data_state) of the newest checkpoint that loads and passes its checksums
         (or of `step`, which must), laid out like `abstract_state` (shapes, dtypes and shardings);
-        None when there is no checkpoint. Damaged checkpoints are moved aside on the way;
-        CheckpointError when every checkpoint is damaged."""
+        None when there is no checkpoint. Newer checkpoints that fail while an older one loads are
+        damaged and moved aside; when none loads (damage everywhere, or a changed model), nothing is
+        moved and a CheckpointError gives each step's reason."""
         targets = {"model": _target(abstract_state[0]), "optimizer": _target(abstract_state[1])}
 
         def as_state(restored: dict[str, Any]) -> nnx.State:
@@ -146,21 +150,26 @@ class Checkpointer:
             restored = self._restore_verified(step, targets)
             return step, as_state(restored), restored["data"]
         steps = sorted(self.manager.all_steps(), reverse=True)
+        failures: list[tuple[int, str]] = []
         for candidate in steps:
             try:
                 restored, reason = self._restore_verified(candidate, targets), None
             except Exception as e:  # noqa: BLE001 -- any failure to load means this step is unusable
                 restored, reason = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if _all_processes_agree(reason is None):
-                if candidate != steps[0]:
+                # An older checkpoint of the same model loads: the newer ones are damaged.
+                for damaged, why in failures:
+                    self._move_aside(damaged, why)
+                if failures:
                     logging.warning("resuming from checkpoint step %d, the newest good one", candidate)
                 return candidate, as_state(restored), restored["data"]
-            self._move_aside(candidate, reason or "another process could not load it")
-        if steps:
+            failures.append((candidate, reason or "another process could not load it"))
+        if failures:  # none loads: damage everywhere, or a model or layout that changed; nothing moved
             raise CheckpointError(
-                f"no checkpoint in {self.directory} could be restored: steps {steps} are damaged and were "
-                f"moved to {self.damaged_dir}. Fix: rerun to start the run over from step 0, or restore "
-                "a copy of the checkpoints")
+                f"no checkpoint in {self.directory} could be restored: "
+                + "; ".join(f"step {damaged}: {why}" for damaged, why in failures)
+                + ". Nothing was moved. Fix: if the model or its layout changed, resume with the run's own "
+                  "config; if the files are damaged, move them away (the run then starts over) or restore a copy")
         return None
 
     def restore_model(self, abstract_model_state: nnx.State, step: int | None = None) -> nnx.State:
@@ -184,6 +193,6 @@ class Checkpointer:
         hide the error that stopped the run."""
         try:
             self.manager.wait_until_finished()
+            self.manager.close()
         except Exception as e:  # noqa: BLE001
             logging.warning("a checkpoint save had failed: %s", e)
-        self.manager.close()

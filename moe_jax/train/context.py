@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from moe_jax.data.tasks import Task, make_task
 from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
+from moe_jax.errors import InputError
 from moe_jax.models import Transformer
 from moe_jax.parallel import init_sharded, make_mesh, parse_rules
 from moe_jax.parallel.rules import Rules
@@ -65,7 +66,7 @@ def make_context(cfg: RunConfig, mesh_spec: str | None = None, tokenizer: str | 
     mesh = make_mesh(mesh_spec or "auto")
     loaded = load_tokenizer(tokenizer or cfg.tokenizer)
     if loaded.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"{type(cfg).__name__}.model.vocab_size: {cfg.model.vocab_size} < the tokenizer's "
+        raise InputError(f"{type(cfg).__name__}.model.vocab_size: {cfg.model.vocab_size} < the tokenizer's "
                          f"{loaded.vocab_size} ids. Fix: --config.model.vocab_size={loaded.vocab_size}")
     task = make_task(cfg.task, **parse_options(cfg.task_options))
     model, optimizer = init_model_and_optimizer(cfg, mesh)
@@ -83,10 +84,10 @@ def load_init_from(model: Transformer, init_from: str) -> None:
         try:
             load_hf_into(model, folder)
         except ArchitectureMismatchError as e:
-            raise ValueError(f"--init_from={init_from}: {e}. Fix: give config.model the checkpoint's "
+            raise InputError(f"--init_from={init_from}: {e}. Fix: give config.model the checkpoint's "
                              "architecture (a preset such as --config=qwen2.5-0.5b, or "
                              "--config.model.<field>=... overrides)") from e
-        except (ValueError, FileNotFoundError) as e:  # a damaged folder: its message names the file and fix
+        except (InputError, FileNotFoundError) as e:  # a damaged folder: its message names the file and fix
             raise type(e)(f"--init_from={init_from}: {e}") from e
         logging.info("initialised the model from the Hugging Face folder %s", folder)
         return
@@ -95,7 +96,7 @@ def load_init_from(model: Transformer, init_from: str) -> None:
     try:
         nnx.update(model, checkpointer.restore_model(nnx.state(model), step))
     except (ValueError, KeyError) as e:
-        raise ValueError(f"--init_from={init_from}: its model does not fit config.model ({e}). Fix: "
+        raise InputError(f"--init_from={init_from}: its model does not fit config.model ({e}). Fix: "
                          "give config.model the architecture of the run it came from") from e
     finally:
         checkpointer.close()

@@ -97,9 +97,9 @@ def host_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
 def check_finite(step: int, metrics: Mapping[str, Any], last_good: int | None) -> None:
     """FloatingPointError when the step's loss or gradient norm is NaN/Inf, or its parameters or
     optimizer state are not all finite (before anything of that step is saved)."""
-    fix = ("Fix: continue from that checkpoint with a gentler optimizer, e.g. rerun with "
-           "--allow_config_change=optimizer --config.optimizer.learning_rate=<lower> (or a longer "
-           "--config.optimizer.warmup_steps)")
+    fix = ("Fix: rerun with a gentler optimizer, e.g. --allow_config_change=optimizer "
+           "--config.optimizer.learning_rate=<lower> (or a longer --config.optimizer.warmup_steps); it goes "
+           "on from the last good checkpoint, or starts over if there is none")
     where = f"the last good checkpoint is step {last_good}" if last_good else "no checkpoint was saved yet"
     for name in ("loss", "grad_norm"):
         if not math.isfinite(metrics[name]):
@@ -121,7 +121,8 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
     `init_from_on_resume` (GRPO: it is the KL term's reference). `allow_config_change` names the
     config paths (or parts, e.g. `optimizer`) a resumed run may change; the changes are recorded
     in the workdir. Another live run on `workdir` makes this one fail at once (WorkdirLockedError)."""
-    if init_from and not os.path.exists(init_from.removeprefix("hf:")):
+    will_load = init_from and (init_from_on_resume or not workdir_format.has_checkpoints(workdir))
+    if will_load and not os.path.exists(init_from.removeprefix("hf:")):
         raise FileNotFoundError(f"--init_from={init_from}: no such run or checkpoint. Fix: give a run's "
                                 "workdir, one of its checkpoints/<step> directories, or hf:<folder>")
     with lock_workdir(workdir):
@@ -135,29 +136,33 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
                 ) -> dict[str, Any]:
     changes = workdir_format.check_config(cfg, workdir, allow_config_change)
     done = workdir_format.read_done(workdir)
-    if done is not None and not changes:
+    if done is not None and (not changes or cfg.steps <= done["step"]):  # nothing left to train
         logging.info("%s finished at step %d; nothing to do", workdir, done["step"])
         return {"status": "finished", "step": done["step"], "metrics": done["metrics"]}
     context = make_context(cfg, mesh_spec, tokenizer=workdir_format.tokenizer_path(workdir, cfg))
     loop = cfg.loop
     checkpointer = Checkpointer(workdir_format.checkpoint_dir(workdir), save_every=loop.checkpoint_every,
                                 keep=loop.keep_checkpoints, damaged_dir=workdir_format.damaged_dir(workdir))
-    if init_from and (init_from_on_resume or checkpointer.latest_step() is None):
-        load_init_from(context.model, init_from)
-    parts = build(context)  # a bad dataset file fails here, before the workdir is written
-    is_lead = workdir_format.prepare(cfg, workdir)
-    model_graphdef = nnx.graphdef(context.model)
-    del context  # the state pytree is the truth from here on (it is donated each step)
-
-    state, start = parts.state, 0
-    restored = checkpointer.restore(state)
+    try:
+        if init_from and (init_from_on_resume or checkpointer.latest_step() is None):
+            load_init_from(context.model, init_from)
+        parts = build(context)  # a bad dataset file fails here, before config.json is written
+        is_lead = jax.process_index() == 0
+        if changes and is_lead:  # recorded (and DONE gone) before config.json takes the new values
+            workdir_format.record_config_changes(workdir, checkpointer.latest_step(), changes)
+            logging.warning("%s goes on with changed settings:\n  %s", workdir, "\n  ".join(changes))
+        workdir_format.prepare(cfg, workdir)
+        model_graphdef = nnx.graphdef(context.model)
+        del context  # the state pytree is the truth from here on (it is donated each step)
+        state, start = parts.state, 0
+        restored = checkpointer.restore(state)
+    except BaseException:
+        checkpointer.close()
+        raise
     if restored is not None:
         start, state, data_state = restored
         parts.data.set_state(data_state[parts.data_key])
         logging.info("resumed %s from step %d", workdir, start)
-    if changes and is_lead:
-        workdir_format.record_config_changes(workdir, start or None, changes)
-        logging.warning("%s goes on from step %d with changed settings:\n  %s", workdir, start, "\n  ".join(changes))
 
     schedule = learning_rate_schedule(cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.steps)
     run_log = RunLog(workdir, steps=cfg.steps, start=start, is_lead=is_lead,
@@ -194,10 +199,11 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
             yield
         except Exception as e:  # noqa: BLE001 -- whatever the storage raised, the run must stop
             cause = str(e).splitlines()[0] if str(e) else ""
-            raise CheckpointError(
-                f"saving a checkpoint to {checkpointer.directory} failed: {type(e).__name__}: {cause}. The "
-                f"previous checkpoint (step {intact}) is intact. Fix: free space or fix the storage, then rerun "
-                "(it resumes from that checkpoint)") from None
+            whole = (f"The previous checkpoint (step {intact}) is intact. Fix: free space or fix the storage, then "
+                     "rerun (it resumes from that checkpoint)") if intact else (
+                "No checkpoint was written yet. Fix: free space or fix the storage, then rerun (it starts over)")
+            raise CheckpointError(f"saving a checkpoint to {checkpointer.directory} failed: {type(e).__name__}: "
+                                  f"{cause}. {whole}") from None
 
     pending = None  # (step, device metrics) dispatched but not yet fetched
     last_complete = last_good  # the newest checkpoint known to be on disk whole

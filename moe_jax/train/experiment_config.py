@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from moe_jax.configs import ModelConfig
 from moe_jax.data.tasks import TASKS
 from moe_jax.data.template import TEMPLATES
+from moe_jax.errors import InputError
 from moe_jax.parallel.rules import parse_rules
 from moe_jax.train import config_tree
 
@@ -34,9 +35,9 @@ CADENCE_FIELDS = ("loop.eval_every", "loop.checkpoint_every", "loop.keep_checkpo
 LAYOUT_FIELDS = ("sharding_rules",)
 
 
-def config_error(cfg: object, field: str, problem: str, fix: str) -> ValueError:
+def config_error(cfg: object, field: str, problem: str, fix: str) -> InputError:
     """The house error: `<Config>.<field>: <problem>. Fix: <fix>`."""
-    return ValueError(f"{type(cfg).__name__}.{field}: {problem}. Fix: {fix}")
+    return InputError(f"{type(cfg).__name__}.{field}: {problem}. Fix: {fix}")
 
 
 def check_number(cfg: object, field: str, *, low: float, high: float = math.inf, low_open: bool = False,

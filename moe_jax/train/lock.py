@@ -63,7 +63,10 @@ def _flock(workdir: str) -> Iterator[None]:
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # a clean exit leaves no holder; only a dead run's name stays
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
@@ -86,7 +89,7 @@ def lock_workdir(workdir: str) -> Iterator[None]:
             os.makedirs(workdir, exist_ok=True)
             try:
                 stack.enter_context(_flock(workdir))
-            except WorkdirLockedError as e:
+            except Exception as e:  # noqa: BLE001 -- whatever it is, the others must hear of it, not hang
                 error = e
         got_it = multihost_utils.broadcast_one_to_all(np.int32(error is None))
         if error is not None:

@@ -22,6 +22,11 @@ DEFAULT_KEYS: dict[str, str] = {"loss": "loss", "tokens_per_s": "tokens/s"}
 NOTEBOOK_REFRESH_S = 0.5
 
 
+def format_number(x: float) -> str:
+    """4 significant digits (a loss of 0.004 stays 0.004), with tqdm's k/M/G suffixes from 1000 up."""
+    return tqdm_std.tqdm.format_sizeof(x) if abs(x) >= 1000 else f"{x:.4g}"
+
+
 class _LinePerRefresh:
     """A file for tqdm that turns each in-place refresh ('\\r' + line) into one printed line."""
 
@@ -61,7 +66,7 @@ class Progress:
         for key, label in self.keys.items():
             value = (metrics or {}).get(key)
             if value is not None and not isinstance(value, bool) and np.size(value) == 1:
-                shown.append(f"{label} {tqdm_std.tqdm.format_sizeof(float(np.asarray(value)))}")
+                shown.append(f"{label} {format_number(float(np.asarray(value)))}")
         self.bar.set_postfix_str(" | ".join(shown), refresh=False)
         self.bar.update(step - self.bar.n)
 

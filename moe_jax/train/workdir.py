@@ -103,10 +103,20 @@ def prepare(cfg: RunConfig, workdir: str) -> bool:
     is_lead = jax.process_index() == 0
     if is_lead:
         write_json_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
-        if os.path.isfile(cfg.tokenizer):
-            shutil.copyfile(cfg.tokenizer, os.path.join(workdir, TOKENIZER_FILE + ".tmp"))
-            os.replace(os.path.join(workdir, TOKENIZER_FILE + ".tmp"), os.path.join(workdir, TOKENIZER_FILE))
+        source, copy = tokenizer_file(cfg.tokenizer), os.path.join(workdir, TOKENIZER_FILE)
+        if source is not None and not os.path.exists(copy):  # the run keeps the tokenizer it started with
+            shutil.copyfile(source, copy + ".tmp")
+            os.replace(copy + ".tmp", copy)
     return is_lead
+
+
+def tokenizer_file(name_or_path: str) -> str | None:
+    """The `tokenizer.json` a tokenizer setting names (a file, or a folder holding one, as
+    `load_tokenizer` reads it); None for the built-in "char"."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, TOKENIZER_FILE)
+    return path if name_or_path != "char" and os.path.isfile(path) else None
 
 
 def tokenizer_path(workdir: str, cfg: RunConfig) -> str:
@@ -121,6 +131,12 @@ def checkpoint_dir(workdir: str) -> str:
 
 def damaged_dir(workdir: str) -> str:
     return os.path.join(workdir, DAMAGED_DIR)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """Whether `workdir` holds a checkpoint step (without opening it)."""
+    directory = checkpoint_dir(workdir)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def checkpoint_location(path: str) -> tuple[str, int | None]:
