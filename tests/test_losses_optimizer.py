@@ -72,3 +72,20 @@ def test_weight_decay_hits_matrices_only_and_never_the_router_bias():
         np.testing.assert_allclose(a, expected, rtol=1e-6, err_msg=str(path))
     for b, a in zip(bias_before, jax.tree.leaves(nnx.state(model, RouterBias)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_grpo_schedule_counts_updates_not_steps():
+    """GRPO makes μ × minibatches updates a step: the schedule warms up over warmup_steps steps
+    and reaches its floor at the run's last update, not a quarter of the way in."""
+    from moe_jax.rl.config import GRPOConfig, GRPOLoss
+    from moe_jax.train.config_tree import override
+    from moe_jax.train.optimizer import run_schedule
+
+    cfg = GRPOConfig(steps=10, loss=GRPOLoss(num_iterations=2, minibatches=2))
+    cfg = override(cfg, {"optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 2})
+    schedule = run_schedule(cfg)
+    assert float(schedule(0)) == 0.0 and float(schedule(8)) == pytest.approx(1e-3)  # 2 steps x 4 updates
+    assert float(schedule(20)) > 5e-4  # mid-run (update 20 of 40) still high
+    assert float(schedule(39)) == pytest.approx(1e-4, rel=3e-2)  # the floor at the last update
+    plain = override(cfg, {"loss.num_iterations": 1, "loss.minibatches": 1})
+    assert float(run_schedule(plain)(2)) == pytest.approx(1e-3)  # one update a step: steps as before

@@ -133,6 +133,10 @@ class GRPOConfig(RunConfig):
         return migrated
 
     @property
+    def updates_per_step(self) -> int:
+        return self.loss.num_iterations * self.loss.minibatches
+
+    @property
     def group_size(self) -> int:
         return self.sampling.samples_per_prompt
 

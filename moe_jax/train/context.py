@@ -20,7 +20,7 @@ from moe_jax.parallel.rules import Rules
 from moe_jax.train import workdir as workdir_format
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.experiment_config import RunConfig, parse_options
-from moe_jax.train.optimizer import make_optimizer
+from moe_jax.train.optimizer import make_optimizer, run_schedule
 
 
 @dataclasses.dataclass
@@ -49,8 +49,7 @@ def init_model_and_optimizer(cfg: RunConfig, mesh: Mesh) -> tuple[Transformer, n
     directly in their shardings over `mesh` (under `cfg.sharding_rules`)."""
     model_cfg = dataclasses.replace(cfg.model, compute_dtype=resolve_compute_dtype(cfg.compute_dtype))
     opt = cfg.optimizer
-    optimizer_tx = make_optimizer(opt.learning_rate, warmup_steps=opt.warmup_steps, total_steps=cfg.steps,
-                                  weight_decay=opt.weight_decay, clip_norm=opt.clip_norm)
+    optimizer_tx = make_optimizer(run_schedule(cfg), weight_decay=opt.weight_decay, clip_norm=opt.clip_norm)
 
     def make_model_and_optimizer():  # Rngs made inside: the initialiser is traced under jit
         model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))

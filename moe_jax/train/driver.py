@@ -37,7 +37,7 @@ from moe_jax.train.context import RunContext, load_init_from, make_context
 from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.lock import lock_workdir
 from moe_jax.train.metrics import mfu
-from moe_jax.train.optimizer import learning_rate_schedule
+from moe_jax.train.optimizer import run_schedule
 from moe_jax.train.preemption import PreemptionWatcher
 from moe_jax.train.run_log import RunLog
 
@@ -164,7 +164,7 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
         parts.data.set_state(data_state[parts.data_key])
         logging.info("resumed %s from step %d", workdir, start)
 
-    schedule = learning_rate_schedule(cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.steps)
+    schedule = run_schedule(cfg)
     run_log = RunLog(workdir, steps=cfg.steps, start=start, is_lead=is_lead,
                      progress_keys=parts.progress_keys, plot_keys=parts.plot_keys)
     status, last_metrics, step = "finished", {}, start
@@ -177,7 +177,7 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
         check_finite(step, host, last_good)
         if parts.check is not None:
             parts.check(step, host)
-        host["lr"] = float(schedule(step - 1))
+        host["lr"] = float(schedule((step - 1) * cfg.updates_per_step))  # at the step's first update
         fetched_at.append(time.perf_counter())
         if parts.tokens_per_step and len(fetched_at) > 1:  # a window: one interval alone is jittery
             tokens_per_s = parts.tokens_per_step * (len(fetched_at) - 1) / (fetched_at[-1] - fetched_at[0])

@@ -134,6 +134,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         validate_run(self)
 
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates one step makes (GRPO: μ × minibatches); the schedule counts updates."""
+        return 1
+
     def replace_model(self, **changes: Any) -> RunConfig:
         """A copy with `model` fields changed (both configs re-validate)."""
         return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
