@@ -22,6 +22,7 @@ import numpy as np
 
 from moe_jax.data.tasks.base import Problem, Task
 from moe_jax.data.template import parse_completion
+from moe_jax.train.experiment_config import parse_options
 
 # 256 Ki characters (~16 ms of parsing on a 2-core CPU; 4 Mi took 0.25 s): a bound on the work one
 # call does, not a length policy — a 32k-token completion of a BPE tokenizer fits.
@@ -59,21 +60,16 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 def parse_reward_weights(text: str) -> dict[str, float]:
     """`"accuracy=1.0,format=0.1"` -> `{"accuracy": 1.0, "format": 0.1}`, every name registered
     and every weight a finite number."""
-    weights = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = (x.strip() for x in part.partition("="))
-        try:
-            weight = float(value) if sep else math.nan
-        except ValueError:
-            weight = math.nan
+    weights = parse_options(text, field="GRPOConfig.rewards")  # name=value pairs, numbers parsed
+    for name, weight in weights.items():
         if name not in REWARD_FUNCTIONS:
             raise ValueError(f"unknown reward {name!r}. Fix: use registered rewards: {sorted(REWARD_FUNCTIONS)}")
-        if not math.isfinite(weight):
-            raise ValueError(f"bad weight in {part!r}. Fix: write name=weight pairs, e.g. 'accuracy=1.0,format=0.1'")
-        weights[name] = weight
+        if isinstance(weight, str) or not math.isfinite(weight):
+            raise ValueError(f"bad weight {name}={weight}. Fix: write name=weight pairs, e.g. "
+                             "'accuracy=1.0,format=0.1'")
     if not weights:
         raise ValueError("no rewards. Fix: weigh at least one, e.g. 'accuracy=1.0'")
-    return weights
+    return {name: float(weight) for name, weight in weights.items()}
 
 
 @register_reward("accuracy")
