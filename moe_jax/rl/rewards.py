@@ -1,5 +1,7 @@
 """Rule-based rewards (DeepSeek-R1 §2.2.2): an accuracy reward from the task's verifier and a format
-reward for the `<think>…</think><answer>…</answer>` template, combined with weights.
+reward for the `<think>…</think><answer>…</answer>` template (the answer block alone for a
+non-reasoning task), combined with weights; and R1's language-consistency reward (§2.3.2) with
+its companion metric, the share of completions that mix languages.
 
 Rewards are a registry by name (`REWARD_FUNCTIONS`): a new reward is one function under
 `@register_reward("name")`, and a run weighs the ones it wants by name
@@ -20,7 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from moe_jax.data.tasks.base import Problem, Task
+from moe_jax.data.language import language_share, mixes_languages
+from moe_jax.data.tasks.base import Problem, Task, problem_language
 from moe_jax.data.template import parse_completion
 from moe_jax.train.experiment_config import parse_options
 
@@ -92,7 +95,33 @@ def format_reward(completion: str) -> float:
     return 1.0 if parse_completion(completion).format_ok else 0.0
 
 
-register_reward("format")(lambda task, problem, completion: format_reward(completion))
+@register_reward("format")
+def task_format_reward(task: Task, problem: Problem, completion: str) -> float:
+    """1.0 when the completion follows the template `problem` is answered in (`Task.parse`)."""
+    if not _scorable(completion):
+        return 0.0
+    return 1.0 if task.parse(problem, completion).format_ok else 0.0
+
+
+def _reasoning_text(task: Task, problem: Problem, completion: str) -> str | None:
+    return task.reasoning_text(problem, completion) if _scorable(completion) else None
+
+
+@register_reward("language")
+def language_reward(task: Task, problem: Problem, completion: str) -> float:
+    """R1 §2.3.2: the share of the chain of thought's words in the language the prompt names
+    (`moe_jax.data.language.language_share`); 0.0 when there is no chain of thought to measure
+    (the template is broken)."""
+    text = _reasoning_text(task, problem, completion)
+    return 0.0 if text is None else language_share(text, problem_language(problem))
+
+
+@register_reward("language_mixed")
+def language_mixed(task: Task, problem: Problem, completion: str) -> float:
+    """A metric more than a reward (weigh it 0 to log `rewards/language_mixed/mean`): 1.0 when
+    the chain of thought has words of two languages."""
+    text = _reasoning_text(task, problem, completion)
+    return float(text is not None and mixes_languages(text))
 
 
 def combined_rewards(task: Task, problems: Sequence[Problem], completions: Sequence[str],
@@ -103,11 +132,13 @@ def combined_rewards(task: Task, problems: Sequence[Problem], completions: Seque
     log `rewards/<name>/mean` and train on `total`.
 
     `problems[i]` is the problem completion i answers (repeat each prompt's problem G times).
-    `reward_fns` defaults to `REWARD_FUNCTIONS`; every component is computed and returned, and one
-    missing from `weights` weighs 0. `weights` defaults to R1-Zero-style accuracy 1, format 0.1.
+    `reward_fns` defaults to accuracy, format and the registry's functions `weights` names; every
+    one given is computed and returned, and one missing from `weights` weighs 0. `weights`
+    defaults to R1-Zero-style accuracy 1, format 0.1.
     """
-    reward_fns = REWARD_FUNCTIONS if reward_fns is None else reward_fns
     weights = DEFAULT_WEIGHTS if weights is None else weights
+    if reward_fns is None:
+        reward_fns = {name: REWARD_FUNCTIONS[name] for name in {**DEFAULT_WEIGHTS, **weights} if name in REWARD_FUNCTIONS}
     unknown = sorted(set(weights) - set(reward_fns))
     if unknown:
         raise ValueError(f"weights for unknown rewards {unknown}; known: {sorted(reward_fns)}")

@@ -16,9 +16,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from moe_jax.data.language import language_share, mixes_languages
 from moe_jax.data.pipelines import packed_batches, problem_at, prompt_ids, task_examples
-from moe_jax.data.tasks import Task
-from moe_jax.data.template import parse_completion
+from moe_jax.data.tasks import Problem, Task, problem_language
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models.sampler import SamplingConfig, jit_generate
 from moe_jax.parallel.distributed import global_batch_array
@@ -95,7 +95,23 @@ class Evaluator:
 
     def __call__(self, model: nnx.Module) -> dict[str, float]:
         texts = self.completions(model)
-        correct = [self.task.verify(p, text) for p, text in zip(self.problems, texts, strict=True)]
-        well_formed = [parse_completion(text).format_ok for text in texts]
-        return {**self.loss(nnx.state(model)), "eval/accuracy": float(np.mean(correct)),
-                "eval/format": float(np.mean(well_formed))}
+        return {**self.loss(nnx.state(model)), **{f"eval/{name}": value for name, value in
+                                                   judge(self.task, self.problems, texts).items()}}
+
+
+def judge(task: Task, problems: list[Problem], texts: list[str]) -> dict[str, float]:
+    """Greedy-eval measures of completions: `accuracy` and `format` (and `accuracy/<task>` for
+    each task of a mixture; `language` — R1's consistency — and `language_mixed`, the share
+    mixing two languages, when the task is posed in several languages)."""
+    correct = np.asarray([task.verify(p, text) for p, text in zip(problems, texts, strict=True)], np.float64)
+    measures = {"accuracy": float(correct.mean()),
+                "format": float(np.mean([task.parse(p, text).format_ok for p, text in zip(problems, texts)]))}
+    names = [p.task for p in problems]
+    if len(set(names)) > 1:
+        measures.update({f"accuracy/{name}": float(correct[np.asarray(names) == name].mean()) for name in set(names)})
+    if len(task.languages) > 1:
+        reasoning = [task.reasoning_text(p, text) for p, text in zip(problems, texts)]
+        measures["language"] = float(np.mean([0.0 if r is None else language_share(r, problem_language(p))
+                                              for p, r in zip(problems, reasoning)]))
+        measures["language_mixed"] = float(np.mean([r is not None and mixes_languages(r) for r in reasoning]))
+    return measures

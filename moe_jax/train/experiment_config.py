@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from moe_jax.configs import ModelConfig
-from moe_jax.data.tasks import TASKS
+from moe_jax.data.tasks import TASKS, make_task
 from moe_jax.data.template import TEMPLATES
 from moe_jax.errors import InputError
 from moe_jax.parallel.rules import parse_rules
@@ -215,8 +215,6 @@ def validate_run(cfg: RunConfig) -> None:
     if cfg.seq_len > cfg.model.max_seq_len:
         _fail("seq_len", f"{cfg.seq_len} > model.max_seq_len={cfg.model.max_seq_len}",
               "shorten seq_len or raise model.max_seq_len")
-    if cfg.task not in TASKS:
-        _fail("task", f"unknown task {cfg.task!r}", f"use one of {sorted(TASKS)}")
     if cfg.template not in TEMPLATES:
         _fail("template", f"unknown template {cfg.template!r}", f"use one of {sorted(TEMPLATES)}")
     if cfg.compute_dtype not in COMPUTE_DTYPES:
@@ -226,11 +224,14 @@ def validate_run(cfg: RunConfig) -> None:
     except ValueError as e:
         problem, _, fix = str(e).partition(". Fix: ")
         _fail("sharding_rules", problem, fix or "use logical axes from moe_jax.parallel.DEFAULT_RULES")
+    task_names = cfg.task.split("+")
+    if any(name not in TASKS for name in task_names):
+        _fail("task", f"unknown task {cfg.task!r}", f"use one of {sorted(TASKS)}, or several joined by '+'")
     try:
-        TASKS[cfg.task](**parse_options(cfg.task_options))
+        make_task(cfg.task, **parse_options(cfg.task_options))
     except (TypeError, ValueError) as e:
         _fail("task_options", f"{cfg.task_options!r} is not valid for task {cfg.task!r} ({e})",
-              f"use the knobs of {TASKS[cfg.task].__name__}.__init__")
+              "use the knobs of " + ", ".join(f"{TASKS[name].__name__}.__init__" for name in task_names))
 
 
 def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

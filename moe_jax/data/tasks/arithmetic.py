@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 
+from moe_jax.data.language import Phrasebook
 from moe_jax.data.tasks.base import Problem, Task
 
 _INTEGER = re.compile(r"-?[0-9]{1,40}")  # ASCII digits only
@@ -31,7 +32,9 @@ class Arithmetic(Task):
 
     name = "arithmetic"
 
-    def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+*", slip: str = "digit"):
+    def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+*", slip: str = "digit",
+                 languages: str = "en", switch_rate: float = 0.0):
+        super().__init__(languages, switch_rate)
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         if not ops or set(ops) - set("+*"):
@@ -49,14 +52,32 @@ class Arithmetic(Task):
         a, b = self._operand(rng), self._operand(rng)
         op = str(rng.choice(list(self.ops)))
         value = a + b if op == "+" else a * b
-        return Problem(self.name, f"{a}{op}{b}", str(value), {"a": a, "b": b, "op": op})
+        return self._posed(f"{a}{op}{b}", str(value), {"a": a, "b": b, "op": op}, rng)
 
     def solve(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> tuple[str, str]:
-        a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
-        slip = rng.random() < error_rate
-        return self._add(a, b, rng, slip) if op == "+" else self._multiply(a, b, rng, slip)
+        return self._attempt(problem, rng, rng.random() < error_rate, self.phrasebook(problem, rng))
 
-    def _add(self, a: int, b: int, rng: np.random.Generator, slip: bool) -> tuple[str, str]:
+    def _attempt(self, problem: Problem, rng: np.random.Generator, slip: bool, say: Phrasebook) -> tuple[str, str]:
+        a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
+        return self._add(a, b, rng, slip, say) if op == "+" else self._multiply(a, b, rng, slip, say)
+
+    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float) -> tuple[str, str]:
+        """Column steps, then a check that recomputes the result the other way (a sum by
+        subtracting an operand back out, a product with its factors swapped): "check 46-34=12
+        ok"; a first attempt with a slip fails its check ("wrong, again") and is redone."""
+        a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
+        say, lines = self.phrasebook(problem, rng, readable=True), []
+        for slip in ([True] if rng.random() < retry_rate else []) + [False]:
+            thinking, answer = self._attempt(problem, rng, slip, say)
+            result = int(answer)
+            recomputed = f"{result}-{b}={result - b}" if op == "+" else f"{b}*{a}={a * b}"
+            right = result - b == a if op == "+" else a * b == result
+            lines += [thinking, f"{say('check')} {recomputed} " + (say("ok") if right else f"{say('wrong')}, {say('again')}")]
+            if right:
+                return "\n".join(lines), answer
+        raise AssertionError("an attempt without a slip is always right")
+
+    def _add(self, a: int, b: int, rng: np.random.Generator, slip: bool, say: Phrasebook) -> tuple[str, str]:
         """Column addition from the units; a slip writes one column's digit wrong, or (slip kind
         "carry") drops every carry."""
         da, db = str(a)[::-1], str(b)[::-1]
@@ -68,16 +89,16 @@ class Arithmetic(Task):
             x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
             total = x + y + carry
             digit = _slip(total % 10, rng) if i == wrong_column else total % 10
-            steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}, write {digit}")
+            steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}, {say('write')} {digit}")
             written.append(str(digit))
             carry = 0 if drop_carries else total // 10
         if carry:
             written.append(str(carry))
-            steps.append(f"carry {carry}")
+            steps.append(f"{say('carry')} {carry}")
         result = str(int("".join(reversed(written))))
-        return "\n".join(steps) + f"\nso {a}+{b}={result}", result
+        return "\n".join(steps) + f"\n{say('so')} {a}+{b}={result}", result
 
-    def _multiply(self, a: int, b: int, rng: np.random.Generator, slip: bool) -> tuple[str, str]:
+    def _multiply(self, a: int, b: int, rng: np.random.Generator, slip: bool, say: Phrasebook) -> tuple[str, str]:
         """Long multiplication: one partial product per digit of b, then their sum; a slip gets
         one partial product's digit wrong."""
         digits = str(b)[::-1]
@@ -98,7 +119,7 @@ class Arithmetic(Task):
         result = sum(partials)
         if len(partials) > 1:
             steps.append("+".join(map(str, partials)) + f"={result}")
-        return "\n".join(steps) + f"\nso {a}*{b}={result}", str(result)
+        return "\n".join(steps) + f"\n{say('so')} {a}*{b}={result}", str(result)
 
     def check_answer(self, problem: Problem, answer: str) -> bool:
         answer = answer.strip()

@@ -45,7 +45,8 @@ class Countdown(Task):
     name = "countdown"
 
     def __init__(self, min_numbers: int = 3, max_numbers: int = 4, max_number: int = 99,
-                 max_target: int = 999, max_tries: int = 1000):
+                 max_target: int = 999, max_tries: int = 1000, languages: str = "en", switch_rate: float = 0.0):
+        super().__init__(languages, switch_rate)
         if not 2 <= min_numbers <= max_numbers:
             raise ValueError(f"need 2 <= min_numbers <= max_numbers, got {min_numbers}, {max_numbers}")
         self.min_numbers, self.max_numbers = min_numbers, max_numbers
@@ -70,8 +71,7 @@ class Countdown(Task):
             if tree is not None and 1 <= tree.value <= self.max_target:
                 target = int(tree.value)
                 question = f"Using the numbers {numbers}, create an equation that equals {target}"
-                return Problem(self.name, question, _strip_outer(tree.text),
-                               {"numbers": numbers, "target": target})
+                return self._posed(question, _strip_outer(tree.text), {"numbers": numbers, "target": target}, rng)
         raise RuntimeError(f"no solvable countdown problem in {self.max_tries} tries; relax the knobs")
 
     def solve(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> tuple[str, str]:
@@ -81,8 +81,23 @@ class Countdown(Task):
         if rng.random() < error_rate:
             expression = self._slipped(expression, problem.data["target"], rng)
         value, _ = evaluate(expression)
-        steps = self._steps(expression)
-        return "\n".join(steps + [f"{expression}={value}"]), expression
+        # A posed language gets one word to be written in: the closing "so" (English-only traces
+        # are equations alone, as before).
+        so = "" if self.languages == ("en",) else f"{self.phrasebook(problem, rng)('so')} "
+        return "\n".join(self._steps(expression) + [f"{so}{expression}={value}"]), expression
+
+    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float) -> tuple[str, str]:
+        """Try a candidate, work it out step by step, test it against the target: "try (3+5)*2",
+        ..., "16 no, again" for a wrong one (a swapped operator), "16 ok" for the right one."""
+        say, target, lines = self.phrasebook(problem, rng, readable=True), problem.data["target"], []
+        candidates = [problem.answer]
+        if rng.random() < retry_rate:
+            candidates.insert(0, self._slipped(problem.answer, target, rng))
+        for expression in candidates:
+            value, _ = evaluate(expression)
+            verdict = say("ok") if value == target else f"{say('no')}, {say('again')}"
+            lines += [f"{say('try')} {expression}", *self._steps(expression), f"{expression}={value} {verdict}"]
+        return "\n".join(lines), problem.answer
 
     @staticmethod
     def _slipped(expression: str, target: int, rng: np.random.Generator) -> str:
