@@ -47,9 +47,13 @@ def _scalar_type(annotation) -> type:
 
 
 def _override_fields(config_class: type[RunConfig]) -> dict[str, tuple[type, str]]:
-    """Flag name -> (type, help) for every scalar field of the config tree."""
+    """Flag name -> (type, help) for every scalar field of the config tree (but the paths a
+    config derives from others: its `DERIVED_FIELDS`, e.g. a pipeline stage's model)."""
+    derived = tuple(getattr(config_class, "DERIVED_FIELDS", ()))
     fields = {}
     for path, (owner, hint) in config_tree.leaf_fields(config_class).items():
+        if any(path == d or path.startswith(d + ".") for d in derived):
+            continue
         kind = _scalar_type(hint)
         fields[_PREFIX + path] = (kind, f"override {owner.__name__}.{path.rsplit('.', 1)[-1]} ({kind.__name__})")
     return fields
@@ -116,16 +120,6 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     return app.parse_flags_with_usage(argv)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def load_base(name_or_path: str, defaults: Mapping[str, Any], config_class: type[RunConfig] = ExperimentConfig,
               model_defaults: Mapping[str, Any] | None = None) -> RunConfig:
     """`config_class` with the script's `defaults` (paths or nested dicts) on a model preset by
@@ -156,7 +150,7 @@ def load_base(name_or_path: str, defaults: Mapping[str, Any], config_class: type
                         "--config.model.<field>=...", name_or_path, len(fields["model"]), len(missing),
                         ", ".join(missing))
     file_tree = config_class.migrate(fields)
-    merged = {**_flatten(config_tree.nest(defaults)), **_flatten({"model": model_defaults}), **_flatten(file_tree)}
+    merged = {**config_tree.flatten(config_tree.nest(defaults)), **config_tree.flatten({"model": model_defaults}), **config_tree.flatten(file_tree)}
     return config_class.from_dict(config_tree.nest(merged))
 
 

@@ -7,6 +7,8 @@ flags; every script takes `--recipe=<name>` (among the recipes of its kind of ru
     grpo                GRPO from a base model (`GRPOConfig`'s defaults)
     r1-zero-arithmetic  the main job: a base with a dropped-carry habit, then GRPO (~3 min, CPU)
     r1-zero-countdown   R1-Zero on 3-number countdown (~14 min, CPU)
+    r1-arithmetic       the R1 pipeline (moe_jax.pipeline) on English/French arithmetic
+    r1-countdown        the R1 pipeline on English/French 3-number countdown
 
 An R1-Zero recipe also names its base model's pretraining steps (`base_steps`); the base's config
 is `r1_zero_base_config(rl_config, base_steps, base_error_rate)`.
@@ -19,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from moe_jax.configs import ModelConfig, get_preset
+from moe_jax.pipeline.config import PipelineConfig
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.train import config_tree
 from moe_jax.train.experiment_config import CorpusConfig, ExperimentConfig, LoopConfig, RunConfig
@@ -29,7 +32,7 @@ class Recipe:
     """A config class and the fields that differ from its defaults (run fields by path, and
     model fields)."""
 
-    config_class: type[RunConfig]
+    config_class: type[RunConfig | PipelineConfig]
     fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     model_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     base_steps: int | None = None  # R1-Zero: pretraining steps of the base model it builds
@@ -37,7 +40,7 @@ class Recipe:
     needs_init_from: bool = False  # SFT and GRPO start from a trained model, never a random one
 
     def config(self, model: str | ModelConfig = "tiny-moe", overrides: Mapping[str, Any] | None = None
-               ) -> RunConfig:
+               ) -> RunConfig | PipelineConfig:
         """The recipe's config on a model preset (by name) or `ModelConfig`, with `overrides`
         (paths such as `"optimizer.learning_rate"`)."""
         model_cfg = get_preset(model) if isinstance(model, str) else model
@@ -60,6 +63,12 @@ _R1_ZERO_COUNTDOWN = {**_R1_ZERO_ARITHMETIC, "task": "countdown", "task_options"
                       "template": "compact", "seq_len": 176, "steps": 1000, "loop.eval_every": 100,
                       "loop.checkpoint_every": 100, "loop.eval_problems": 256}
 
+# Countdown prompts name their numbers and target (~80 characters with the language): rows of 256.
+_R1_COUNTDOWN = {"task": "countdown", "task_options": "min_numbers=3,max_numbers=3,languages=en+fr",
+                 "base.steps": 3000, "base.seq_len": 192, "base.corpus.error_rate": 0.2,
+                 "base.loop.eval_every": 3000, "base.loop.checkpoint_every": 3000,
+                 **{f"{rl}.seq_len": 256 for rl in ("reasoning_rl", "final_rl")}}
+
 RECIPES: Mapping[str, Recipe] = {
     "pretrain": Recipe(ExperimentConfig),
     # Curated traces (no slips), the loss on responses only, and a gentler, shorter schedule.
@@ -70,6 +79,8 @@ RECIPES: Mapping[str, Recipe] = {
     "r1-zero-arithmetic": Recipe(GRPOConfig, _R1_ZERO_ARITHMETIC, base_steps=1000, base_error_rate=0.7),
     "r1-zero-countdown": Recipe(GRPOConfig, _R1_ZERO_COUNTDOWN, {"max_seq_len": 192}, base_steps=3000,
                                 base_error_rate=0.2),
+    "r1-arithmetic": Recipe(PipelineConfig, model_fields={"max_seq_len": 256}),
+    "r1-countdown": Recipe(PipelineConfig, _R1_COUNTDOWN, {"max_seq_len": 256}),
 }
 
 

@@ -83,15 +83,18 @@ def _rename_packed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def packed_batches(examples: grain.MapDataset, *, seq_len: int, batch_size: int, seed: int,
                    shuffle: bool = True, process_index: int | None = None,
-                   process_count: int | None = None, weighted: bool = False) -> grain.IterDataset:
+                   process_count: int | None = None, weighted: bool = False, repeat: bool = False
+                   ) -> grain.IterDataset:
     """Examples packed first-fit into rows of `seq_len` tokens (longer ones are truncated: task
     streams only; dataset records are checked to fit), batched.
 
     Each batch holds `tokens`, `segment_ids` (1, 2, … per document, 0 = padding), `positions`
     (restarting per document) and `loss_mask` `[batch_size, seq_len]` (and `loss_weight` when
     `weighted`: examples from `record_examples`); this process reads only its
-    `1/process_count` of the stream."""
+    `1/process_count` of the stream. With `repeat` a finite dataset (records on disk) is read
+    epoch after epoch, each in a fresh order (grain reshuffles a repeated shuffle per epoch)."""
     dataset = examples.shuffle(seed=seed) if shuffle else examples
+    dataset = dataset.repeat(None) if repeat else dataset
     dataset = _process_shard(dataset, process_index, process_count)
     # The packer rejects an example longer than a row: cut it to the row (its tail is lost).
     dataset = dataset.map(lambda example: {k: v[:seq_len] for k, v in example.items()}).to_iter_dataset()
@@ -124,13 +127,18 @@ def _prompt_row(task: Task, tokenizer: Tokenizer, seed: int, index: int, prompt_
             "problem_index": np.asarray(index, np.int64)}
 
 
+def rl_prompt_order(seed: int) -> grain.MapDataset:
+    """The problem indices of stream `seed` in the order RL serves them: global row `j` of the
+    run's prompt batches (every process's rows together) is problem `rl_prompt_order(seed)[j]`."""
+    return grain.MapDataset.range(STREAM_LENGTH).shuffle(seed=seed)
+
+
 def rl_prompt_batches(task: Task, tokenizer: Tokenizer, *, seed: int, batch_size: int,
                       prompt_len: int, template: str = "r1_zero", process_index: int | None = None,
                       process_count: int | None = None) -> grain.IterDataset:
     """Batches of left-padded prompts with the index of their problem (`problem_at(task, seed,
     index)` rebuilds it with its verifier data). `batch_size` is this process's share."""
-    dataset = grain.MapDataset.range(STREAM_LENGTH).shuffle(seed=seed)
-    dataset = _process_rows_of_global_batches(dataset, batch_size, process_index, process_count).map(
+    dataset = _process_rows_of_global_batches(rl_prompt_order(seed), batch_size, process_index, process_count).map(
         lambda i: _prompt_row(task, tokenizer, seed, int(i), prompt_len, template))
     # Built inline: a step's few prompt rows take ~1 ms, and grain's default 16 prefetch threads
     # competed with XLA for the CPU (GRPO bench on 2 cores: sampling 31 -> 28 ms).

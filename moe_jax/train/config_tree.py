@@ -67,10 +67,21 @@ def nest(changes: Mapping[str, Any]) -> dict[str, Any]:
         if rest:
             value = {rest: value}
         if isinstance(value, Mapping) and isinstance(tree.get(head), dict):
-            tree[head] = {**tree[head], **nest(value)}
+            tree[head] = nest({**flatten(tree[head]), **flatten(value)})  # merged at every depth
         else:
             tree[head] = nest(value) if isinstance(value, Mapping) else value
     return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`nest`'s inverse: `{"loop": {"eval_every": 1}}` -> `{"loop.eval_every": 1}`."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 _SCALARS = (bool, int, float, str)

@@ -45,7 +45,8 @@ def write_json_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def read_json(path: str) -> dict[str, Any] | None:
+    """A JSON file's object, or None when the file does not exist."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -54,7 +55,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 def read_config(workdir: str) -> dict[str, Any] | None:
     """The saved `config.json` of `workdir` as a dict, or None when there is none."""
-    return _read_json(os.path.join(workdir, CONFIG_FILE))
+    return read_json(os.path.join(workdir, CONFIG_FILE))
 
 
 def check_config(cfg: RunConfig, workdir: str, allowed: Sequence[str] = ()) -> list[str]:
@@ -160,4 +161,4 @@ def mark_done(workdir: str, step: int, metrics: dict[str, Any]) -> None:
 
 def read_done(workdir: str) -> dict[str, Any] | None:
     """`{"step", "finished_at", "metrics"}` of a finished run, or None when it has not finished."""
-    return _read_json(os.path.join(workdir, DONE_FILE))
+    return read_json(os.path.join(workdir, DONE_FILE))

@@ -1,0 +1,53 @@
+"""DeepSeek-R1's pipeline in miniature (R1 §2.3), every stage a resumable run under one folder:
+base → cold_start → reasoning_rl → rejection_sampling → sft (of the base) → final_rl, and the
+R1-Zero baseline (GRPO from the base for as many RL steps); then DIR/results.md|csv|png.
+
+    python experiments/r1_pipeline.py --workdir=/tmp/r1                    # arithmetic
+    python experiments/r1_pipeline.py --workdir=/tmp/r1s --scale=0.05      # the whole chain, ~2 min
+    python experiments/r1_pipeline.py --workdir=/tmp/r1cd --recipe=countdown
+    python experiments/r1_pipeline.py --workdir=/tmp/r1 --config.reasoning_rl.steps=60   # redoes
+        reasoning_rl and what follows it; base and cold_start are skipped
+
+A finished stage is skipped, an interrupted one resumes, a changed one (its config or an input's)
+is moved to DIR/superseded/ and redone with everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from absl import app, flags
+
+from moe_jax import config_flags
+from moe_jax.experiment_main import define_run_flags, setup_from_flags, user_errors_in_one_line
+from moe_jax.pipeline.config import PipelineConfig
+from moe_jax.pipeline.r1 import run_pipeline
+from moe_jax.recipes import get_recipe, recipes_for
+
+config_flags.define_config_flags(config_class=PipelineConfig)
+define_run_flags()
+flags.DEFINE_enum("recipe", "arithmetic", ["arithmetic", "countdown", *recipes_for(PipelineConfig)],
+                  "the pipeline's recipe (moe_jax.recipes): arithmetic is r1-arithmetic, countdown r1-countdown")
+flags.DEFINE_float("scale", 1.0, "multiplies every stage's steps and sample counts (e.g. 0.05 to check the "
+                   "whole chain end to end in a minute or two)")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    recipe = get_recipe(FLAGS.recipe if FLAGS.recipe.startswith("r1-") else f"r1-{FLAGS.recipe}")
+    cfg = config_flags.config_from_flags(defaults=dict(recipe.fields), config_class=PipelineConfig,
+                                         model_defaults=dict(recipe.model_fields))
+    setup_from_flags()
+    with user_errors_in_one_line():
+        rows = run_pipeline(cfg.scaled(FLAGS.scale) if FLAGS.scale != 1 else cfg, FLAGS.workdir,
+                            mesh_spec=FLAGS.mesh, init_from=FLAGS.init_from,
+                            allow_config_change=FLAGS.allow_config_change)
+    rows = {stage: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+            for stage, row in rows.items()}  # JSON has no NaN (a length with no answers to average)
+    print(json.dumps({"workdir": FLAGS.workdir, "results": rows}))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_flags.parse_flags)

@@ -1,0 +1,212 @@
+"""The R1 pipeline's config: one tree, a part per stage (`--config.reasoning_rl.steps=…`).
+
+What every stage must share — the model, the seed, the tasks and the template — is set once at
+the top and copied into each stage's run config (those fields of a stage are not flags of their
+own). Each stage's task follows from the top-level tasks:
+
+    base            reasoning task + non-reasoning task, traces switching language at `switch_rate`
+    cold_start      reasoning task (its data: `cold_start_data.examples` readable traces)
+    reasoning_rl    reasoning task, rewards accuracy + format + language consistency
+    rejection_sampling  fresh reasoning prompts, then the non-reasoning share mixed in
+    sft             reasoning + non-reasoning (evaluated on both)
+    final_rl        reasoning + non-reasoning prompts
+    r1_zero         the baseline: reasoning_rl's config for the RL steps of both RL stages,
+                    with R1-Zero's rewards (accuracy + format), from the base
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from moe_jax.configs import ModelConfig
+from moe_jax.data.tasks import make_task
+from moe_jax.models.sampler import SamplingConfig
+from moe_jax.rl.config import GRPOConfig
+from moe_jax.train import config_tree
+from moe_jax.train.experiment_config import (
+    CorpusConfig,
+    ExperimentConfig,
+    LoopConfig,
+    OptimizerConfig,
+    check_number,
+    check_positive,
+    config_error,
+    parse_options,
+)
+
+# The stages, in the order they run; names are fixed (flags, folders and tools address them).
+STAGES = ("base", "cold_start", "reasoning_rl", "rejection_sampling", "sft", "final_rl", "r1_zero")
+RUN_STAGES = ("base", "cold_start", "reasoning_rl", "sft", "final_rl")  # the parts that are run configs
+SHARED_FIELDS = ("model", "seed", "task", "task_options", "template", "tokenizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class ColdStartData:
+    """R1 §2.3.1's cold-start set: readable chains of thought that check their own work."""
+
+    examples: int = 1000
+    retry_rate: float = 0.3  # share whose first attempt fails its check and is redone
+
+    def __post_init__(self) -> None:
+        check_positive(self, "examples")
+        check_number(self, "retry_rate", low=0, high=1, fix="use e.g. 0.3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionConfig:
+    """R1 §2.3.3: k samples per fresh prompt from the reasoning-RL checkpoint, kept only when the
+    verifier accepts them, they follow the template, stay in the prompt's language, fit the length
+    bounds and are no duplicate; then the non-reasoning share is mixed in."""
+
+    prompts: int = 512
+    prompts_per_batch: int = 64  # prompts sampled together (× samples_per_prompt rows)
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=160, samples_per_prompt=4))
+    min_tokens: int = 8  # length bounds of a kept completion, in tokens (eos not counted)
+    max_tokens: int = 160
+    array_record_above: int = 100_000  # records past which an ArrayRecord copy is written beside the JSONL
+
+    def __post_init__(self) -> None:
+        check_positive(self, "prompts", "prompts_per_batch", "min_tokens", "max_tokens", "array_record_above")
+        if self.min_tokens > self.max_tokens:
+            raise config_error(self, "min_tokens", f"{self.min_tokens} > max_tokens={self.max_tokens}",
+                               "give min_tokens <= max_tokens")
+        if self.sampling.temperature <= 0:
+            raise config_error(self, "sampling.temperature", "must be > 0: rejection sampling draws k different "
+                               "samples", "use e.g. 1.0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """The results table's evaluation: held-out problems of every task, greedy, and pass@k."""
+
+    problems: int = 256
+    pass_k: int = 4  # samples per reasoning problem for pass@k (temperature `temperature`)
+    temperature: float = 1.0
+    max_new_tokens: int = 160
+
+    def __post_init__(self) -> None:
+        check_positive(self, "problems", "pass_k", "max_new_tokens")
+        check_number(self, "temperature", low=0, low_open=True, fix="use e.g. 1.0")
+
+
+def _sft(**changes: Any) -> ExperimentConfig:
+    """An SFT run on a stage's dataset (the loss on responses only)."""
+    return ExperimentConfig(**{"steps": 200, "batch_size": 32, "seq_len": 256,
+                               "corpus": CorpusConfig(error_rate=0.0, loss_on_prompt=False, eval_batches=0),
+                               "optimizer": OptimizerConfig(learning_rate=1e-3, warmup_steps=10),
+                               "loop": LoopConfig(eval_every=100, checkpoint_every=100, eval_problems=128,
+                                                  eval_max_new_tokens=160), **changes})
+
+
+def _rl(**changes: Any) -> GRPOConfig:
+    """R1-Zero-arithmetic's GRPO with room for self-checking completions (160 new tokens)."""
+    return GRPOConfig(**{"steps": 40, "batch_size": 128, "seq_len": 192,
+                         "sampling": SamplingConfig(max_new_tokens=160, samples_per_prompt=8),
+                         "optimizer": OptimizerConfig(learning_rate=2e-4, warmup_steps=3, weight_decay=0.0),
+                         "loop": LoopConfig(eval_every=10, checkpoint_every=10, eval_problems=128,
+                                            eval_max_new_tokens=160),
+                         "rewards": "accuracy=1.0,format=0.1,language=0.1,language_mixed=0", **changes})
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The whole R1 pipeline (defaults: the arithmetic recipe)."""
+
+    MOVED_FIELDS: ClassVar[Mapping[str, str]] = {}
+    RETIRED_FIELDS: ClassVar[Mapping[str, str]] = {}
+    # A stage's copies of the shared fields are not its own to set: `--config.<field>` sets them all.
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = tuple(f"{s}.{f}" for s in RUN_STAGES for f in SHARED_FIELDS)
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(max_seq_len=256))
+    seed: int = 0
+    task: str = "arithmetic"  # the reasoning task
+    task_options: str = "max_digits=3,ops=+,slip=carry,languages=en+fr"
+    template: str = "compact"
+    tokenizer: str = "char"
+    non_reasoning: str = "number_words"  # answered without a <think> block
+    non_reasoning_options: str = "max_value=99,languages=en+fr"
+    non_reasoning_share: float = 0.2  # of the base corpus, the rejection dataset and final RL's prompts
+    switch_rate: float = 0.2  # chance a base-corpus trace word is in the other language
+
+    base: ExperimentConfig = dataclasses.field(default_factory=lambda: ExperimentConfig(
+        steps=1000, batch_size=128, seq_len=128, corpus=CorpusConfig(error_rate=0.7),
+        loop=LoopConfig(eval_every=1000, checkpoint_every=1000, eval_problems=128, eval_max_new_tokens=160)))
+    cold_start_data: ColdStartData = dataclasses.field(default_factory=ColdStartData)
+    cold_start: ExperimentConfig = dataclasses.field(default_factory=lambda: _sft(steps=100))
+    reasoning_rl: GRPOConfig = dataclasses.field(default_factory=_rl)
+    rejection_sampling: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
+    sft: ExperimentConfig = dataclasses.field(default_factory=_sft)
+    final_rl: GRPOConfig = dataclasses.field(default_factory=_rl)
+    r1_zero_rewards: str = "accuracy=1.0,format=0.1,language=0,language_mixed=0"  # R1-Zero's: no language term
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        check_number(self, "non_reasoning_share", low=0, high=1, low_open=True, fix="use e.g. 0.2")
+        check_number(self, "switch_rate", low=0, high=1, fix="use e.g. 0.2, or 0 for monolingual traces")
+        if "+" in self.task or self.task == self.non_reasoning:
+            raise config_error(self, "task", f"{self.task!r}: the reasoning task is one task, other than "
+                               f"non_reasoning={self.non_reasoning!r}", "name one reasoning task, e.g. arithmetic")
+        for field in ("task_options", "non_reasoning_options"):
+            options = parse_options(getattr(self, field), f"PipelineConfig.{field}")
+            if "switch_rate" in options:
+                raise config_error(self, field, "switch_rate is the pipeline's own field",
+                                   "set --config.switch_rate instead")
+        mixture, mixed_options = self.mixture()
+        shared = {"model": self.model, "seed": self.seed, "template": self.template, "tokenizer": self.tokenizer}
+        tasks = {"base": (mixture, f"{mixed_options},switch_rate={self.switch_rate}"),
+                 "cold_start": (self.task, self.task_options), "reasoning_rl": (self.task, self.task_options),
+                 "sft": (mixture, mixed_options), "final_rl": (mixture, mixed_options)}
+        for stage in RUN_STAGES:
+            task, options = tasks[stage]
+            object.__setattr__(self, stage, dataclasses.replace(getattr(self, stage), **shared, task=task,
+                                                                task_options=options))
+        make_task(mixture, **parse_options(mixed_options))  # a bad option fails here, naming the field above
+
+    def mixture(self) -> tuple[str, str]:
+        """(task, task_options) of the reasoning task mixed with the non-reasoning one."""
+        options = [self.task_options] + [f"{self.non_reasoning}.{name}={value}" for name, value in
+                                         parse_options(self.non_reasoning_options).items()]
+        options.append(f"{self.non_reasoning}.share={self.non_reasoning_share}")
+        return f"{self.task}+{self.non_reasoning}", ",".join(filter(None, options))
+
+    def r1_zero(self) -> GRPOConfig:
+        """The R1-Zero baseline: reasoning_rl's run for as many RL steps as both RL stages take,
+        with R1-Zero's rewards."""
+        steps = self.reasoning_rl.steps + self.final_rl.steps
+        return dataclasses.replace(self.reasoning_rl, steps=steps, rewards=self.r1_zero_rewards)
+
+    def scaled(self, scale: float) -> PipelineConfig:
+        """Every stage's steps and sample counts (and the cadences and warmups that count steps)
+        times `scale`, at least 1: `--scale=0.05` checks the whole chain in a minute or two."""
+        if not (math.isfinite(scale) and scale > 0):
+            raise config_error(self, "scale", f"must be a number > 0, got {scale}", "use e.g. 0.05, or 1")
+
+        def times(n: int, least: int = 1) -> int:
+            return max(least, math.ceil(n * scale))
+
+        changes: dict[str, Any] = {
+            "cold_start_data.examples": times(self.cold_start_data.examples),
+            "rejection_sampling.prompts": times(self.rejection_sampling.prompts),
+            "report.problems": times(self.report.problems, least=16)}
+        for stage in RUN_STAGES:
+            run = getattr(self, stage)
+            changes.update({f"{stage}.steps": times(run.steps), f"{stage}.loop.eval_every": times(run.loop.eval_every),
+                            f"{stage}.loop.checkpoint_every": times(run.loop.checkpoint_every),
+                            f"{stage}.loop.eval_problems": times(run.loop.eval_problems, least=16),
+                            f"{stage}.optimizer.warmup_steps": times(run.optimizer.warmup_steps, least=0)})
+        return config_tree.override(self, changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def migrate(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
+        return config_tree.nest(fields)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> PipelineConfig:
+        return config_tree.build(cls, cls.migrate(fields))

@@ -1,0 +1,128 @@
+"""Rejection sampling (R1 §2.3.3): the reasoning-RL model writes its own SFT data.
+
+k samples per fresh prompt (prompts disjoint from every eval set and from the RL stage's); a
+completion is kept only if it passes, in order, these filters — each removal is counted against
+the first one it fails, per task, in `stats.json`:
+
+    template    it follows the task's template (`<think>…</think><answer>…</answer>`)
+    verifier    the task's verifier accepts its answer
+    language    every word of its chain of thought is in the prompt's language
+    length      [min_tokens, max_tokens] tokens, and it ended (not cut at the budget)
+    duplicate   not the same text as a kept completion of the same prompt
+
+The pipeline then mixes in its non-reasoning share (`moe_jax.pipeline.datasets`: the generator's
+answers to non-reasoning prompts, the analogue of R1 reusing DeepSeek-V3's SFT data). Prompts are split over processes by rows of each
+global batch, and every sample depends only on its global row and the batch's key, so the dataset
+is the same for any process count. Model text is parsed, never executed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+
+from moe_jax.data.language import language_share
+from moe_jax.data.pipelines import prompt_ids
+from moe_jax.data.tasks import Problem, Task, problem_language
+from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.models import Transformer
+from moe_jax.parallel.distributed import process_batch_slice
+from moe_jax.parallel.rules import Rules
+from moe_jax.pipeline.config import RejectionConfig
+from moe_jax.pipeline.datasets import task_record
+from moe_jax.rl.sampling import sample_and_score
+from moe_jax.rl.trainer import all_rows
+from moe_jax.train.evaluation import completion_text, left_padded_prompts
+
+FILTERS = ("template", "verifier", "language", "length", "duplicate")
+
+
+def rejection_reason(task: Task, problem: Problem, text: str, length: int, truncated: bool, kept: Iterable[str],
+                     cfg: RejectionConfig) -> str | None:
+    """The first filter `text` fails (None: keep it). `kept`: the prompt's completions kept so far."""
+    parsed = task.parse(problem, text)
+    if not parsed.format_ok:
+        return "template"
+    if not task.check_answer(problem, parsed.answer):
+        return "verifier"
+    reasoning = parsed.thinking if parsed.thinking is not None else parsed.answer
+    if language_share(reasoning, problem_language(problem)) < 1.0:
+        return "language"
+    if truncated or not cfg.min_tokens <= length <= cfg.max_tokens:
+        return "length"
+    if text in kept:
+        return "duplicate"
+    return None
+
+
+@dataclasses.dataclass
+class RejectionResult:
+    records: list[dict[str, Any]]
+    stats: dict[str, Any]  # per task: prompts, sampled, removed by each filter, kept
+    tokens: int  # completion tokens sampled
+    seconds: dict[str, float]  # sampling (on the devices), filtering (on the host)
+
+
+def rejection_sample(policy: Transformer, task: Task, problems: Sequence[Problem], *, tokenizer: Tokenizer,
+                     template: str, cfg: RejectionConfig, key: jax.Array, mesh: jax.sharding.Mesh,
+                     rules: Rules | None = None, source: str = "rejection_sampling") -> RejectionResult:
+    """Sample `cfg.sampling.samples_per_prompt` completions of every problem (batches of
+    `cfg.prompts_per_batch` prompts, this process's rows of each) and filter them; every process
+    returns the same records and stats."""
+    if cfg.prompts_per_batch % jax.process_count():
+        raise ValueError(f"rejection_sampling.prompts_per_batch={cfg.prompts_per_batch} does not split over "
+                         f"{jax.process_count()} processes. Fix: make it a multiple of the process count")
+    k = cfg.sampling.samples_per_prompt
+    records: list[dict[str, Any]] = []
+    stats: dict[str, Any] = {}
+    sampling_s = filtering_s = 0.0
+    tokens = 0
+    for batch_index, start in enumerate(range(0, len(problems), cfg.prompts_per_batch)):
+        batch = list(problems[start:start + cfg.prompts_per_batch])
+        batch += batch[:1] * (cfg.prompts_per_batch - len(batch))  # a full last batch: one compiled shape
+        local = process_batch_slice(len(batch))
+        prompts = [task.prompt(p, template) for p in batch]
+        tokens_PxL, segments_PxL = left_padded_prompts([prompt_ids(task, tokenizer, p, template) for p in batch],
+                                                       tokenizer.pad_id)
+        t0 = time.perf_counter()
+        scored = sample_and_score(policy, tokens_PxL[local], segments_PxL[local], batch[local], task=task,
+                                  tokenizer=tokenizer, sampling=cfg.sampling, reward_weights={},
+                                  key=jax.random.fold_in(key, batch_index), mesh=mesh, rules=rules)
+        rollout = all_rows({name: scored.rollout[name] for name in ("tokens", "lengths", "truncated")})
+        t1 = time.perf_counter()
+        tokens += int(rollout["lengths"][:(len(problems) - start) * k].sum())
+        for p, problem in enumerate(batch[:len(problems) - start]):
+            counts = stats.setdefault(problem.task, {"prompts": 0, "sampled": 0,
+                                                     "removed": dict.fromkeys(FILTERS, 0), "kept": 0})
+            counts["prompts"] += 1
+            kept: list[str] = []
+            for row in range(p * k, (p + 1) * k):
+                text = completion_text(tokenizer, rollout["tokens"][row])
+                reason = rejection_reason(task, problem, text, int(rollout["lengths"][row]),
+                                          bool(rollout["truncated"][row]), kept, cfg)
+                counts["sampled"] += 1
+                if reason is None:
+                    kept.append(text)
+                    records.append(task_record(problem, prompts[p], text, source))
+                    counts["kept"] += 1
+                else:
+                    counts["removed"][reason] += 1
+        sampling_s += t1 - t0
+        filtering_s += time.perf_counter() - t1
+    return RejectionResult(records, stats, tokens, {"sampling": sampling_s, "filtering": filtering_s})
+
+
+def removal_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    """Totals over tasks: sampled, kept and removed by each filter."""
+    totals = collections.Counter()
+    for counts in stats.values():
+        if "sampled" in counts:
+            totals["sampled"] += counts["sampled"]
+            totals["kept"] += counts["kept"]
+            totals.update({f"removed/{name}": n for name, n in counts["removed"].items()})
+    return dict(totals)

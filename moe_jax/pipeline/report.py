@@ -1,0 +1,150 @@
+"""The pipeline's results table: every stage's model measured on one held-out set.
+
+Per stage: greedy accuracy per task, pass@k of the reasoning task (k samples at the report's
+temperature: a problem passes when any sample is right), the format rate, R1's language
+consistency (the mean share of chain-of-thought words in the prompt's language) and the share of
+completions that mix languages, the mean completion length (tokens) of correct and of incorrect
+answers, the non-reasoning task's accuracy, and the tokens and wall time the stage spent.
+Written as `results.md`, `results.csv` and `results.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from moe_jax.data.language import language_share, mixes_languages
+from moe_jax.data.pipelines import problem_at, prompt_ids
+from moe_jax.data.tasks import Problem, Task, problem_language
+from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.models import Transformer
+from moe_jax.models.sampler import SamplingConfig
+from moe_jax.parallel.distributed import process_batch_slice
+from moe_jax.parallel.rules import Rules
+from moe_jax.pipeline.config import ReportConfig
+from moe_jax.rl.sampling import sample_and_score
+from moe_jax.rl.trainer import all_rows
+from moe_jax.train.evaluation import completion_text, heldout_seed, left_padded_prompts
+from moe_jax.train.metrics import read_metrics
+
+RESULTS_MD, RESULTS_CSV, RESULTS_PNG = "results.md", "results.csv", "results.png"
+
+
+def heldout_problems(task: Task, seed: int, count: int) -> list[Problem]:
+    """The report's held-out problems: the first `count` of the held-out stream (the evaluators' own)."""
+    return [problem_at(task, heldout_seed(seed), i) for i in range(count)]
+
+
+def _sample(policy: Transformer, task: Task, problems: Sequence[Problem], sampling: SamplingConfig, *,
+            tokenizer: Tokenizer, template: str, key: jax.Array | None, mesh: jax.sharding.Mesh,
+            rules: Rules | None) -> tuple[list[str], np.ndarray]:
+    """(texts, lengths) of `samples_per_prompt` completions of each problem (all processes' rows)."""
+    # Padded with copies of the first problem so that the rows split evenly over every device.
+    padded = list(problems) + list(problems[:1]) * (-len(problems) % jax.device_count())
+    local = process_batch_slice(len(padded))
+    tokens_PxL, segments_PxL = left_padded_prompts([prompt_ids(task, tokenizer, p, template) for p in padded],
+                                                   tokenizer.pad_id)
+    scored = sample_and_score(policy, tokens_PxL[local], segments_PxL[local], padded[local], task=task,
+                              tokenizer=tokenizer, sampling=sampling, reward_weights={}, key=key, mesh=mesh,
+                              rules=rules)
+    rollout = all_rows({"tokens": scored.rollout["tokens"], "lengths": scored.rollout["lengths"]})
+    rows = len(problems) * sampling.samples_per_prompt
+    return [completion_text(tokenizer, row) for row in rollout["tokens"][:rows]], rollout["lengths"][:rows]
+
+
+def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: ReportConfig, *,
+            tokenizer: Tokenizer, template: str, key: jax.Array, mesh: jax.sharding.Mesh,
+            rules: Rules | None = None) -> dict[str, float]:
+    """The table's model columns for one model (see the module docstring)."""
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    texts, lengths = _sample(policy, task, problems, greedy, tokenizer=tokenizer, template=template, key=None,
+                             mesh=mesh, rules=rules)
+    correct = np.asarray([task.verify(p, t) for p, t in zip(problems, texts)])
+    reasoning = np.asarray([task.is_reasoning(p) for p in problems])
+    names = np.asarray([p.task for p in problems])
+    row: dict[str, float] = {f"accuracy/{name}": float(correct[names == name].mean()) for name in sorted(set(names))}
+    chains = [task.reasoning_text(p, t) for p, t, r in zip(problems, texts, reasoning) if r]
+    thought = [p for p, r in zip(problems, reasoning) if r]
+    row["format"] = float(np.mean([c is not None for c in chains]))
+    row["language"] = float(np.mean([0.0 if c is None else language_share(c, problem_language(p))
+                                     for p, c in zip(thought, chains)]))
+    row["language_mixed"] = float(np.mean([c is not None and mixes_languages(c) for c in chains]))
+    for label, selected in (("length_correct", correct & reasoning), ("length_incorrect", ~correct & reasoning)):
+        row[label] = float(lengths[selected].mean()) if selected.any() else math.nan
+    k = cfg.pass_k
+    sampled = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, samples_per_prompt=k)
+    texts_k, _ = _sample(policy, task, thought, sampled, tokenizer=tokenizer, template=template, key=key,
+                         mesh=mesh, rules=rules)
+    passed = np.asarray([task.verify(p, t) for p, t in zip(np.repeat(np.asarray(thought, object), k), texts_k)])
+    row[f"pass@{k}"] = float(passed.reshape(len(thought), k).any(axis=1).mean())
+    return row
+
+
+def stage_tokens(stage_dir: str, cfg: Any) -> int:
+    """Tokens a stage's run processed: rows × seq_len per step for a language-model run; the
+    completion tokens it sampled for an RL run (from its metrics)."""
+    if hasattr(cfg, "sampling"):
+        path = os.path.join(stage_dir, "metrics.jsonl")
+        records = read_metrics(path) if os.path.exists(path) else []
+        return int(sum(r["completions/mean_length"] * cfg.batch_size for r in records
+                       if "completions/mean_length" in r))
+    return cfg.steps * cfg.batch_size * cfg.seq_len
+
+
+COLUMNS = ("stage", "accuracy/{task}", "pass@{k}", "format", "language", "language_mixed", "length_correct",
+           "length_incorrect", "accuracy/{non_reasoning}", "tokens", "wall_s")
+
+
+def write_results(workdir: str, rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str],
+                  title: str) -> None:
+    """`results.md` (a table, then the notes), `results.csv` and `results.png` in `workdir`."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):  # rates to 3 places, lengths and seconds to 1
+            return "" if math.isnan(value) else f"{value:.3f}" if abs(value) <= 1 else f"{value:.1f}"
+        return "" if value is None else str(value)
+
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for stage, row in rows.items():
+        lines.append("| " + " | ".join(cell({**row, "stage": stage}.get(c)) for c in columns) + " |")
+    _write_text(os.path.join(workdir, RESULTS_MD), "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for stage, row in rows.items():
+        writer.writerow([cell({**row, "stage": stage}.get(c)) for c in columns])
+    _write_text(os.path.join(workdir, RESULTS_CSV), buffer.getvalue())
+    plot_results(os.path.join(workdir, RESULTS_PNG), rows, [c for c in columns if c != "stage"])
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def plot_results(path: str, rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """One bar chart per column, a bar per stage (Agg canvas: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = 3
+    nrows = math.ceil(len(columns) / ncols)
+    fig = Figure(figsize=(5 * ncols, 3 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    stages = list(rows)
+    for i, column in enumerate(columns):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        values = [rows[s].get(column) for s in stages]
+        ax.bar(range(len(stages)), [v if isinstance(v, (int, float)) and not math.isnan(v) else 0 for v in values])
+        ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right", fontsize=8)
+        ax.set_title(column)
+        ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path + ".tmp", format="png", dpi=90)
+    os.replace(path + ".tmp", path)
