@@ -113,3 +113,56 @@ def test_two_process_pretraining_runs_and_saves(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(np.isfinite(m["loss"]) for m in metrics) and "eval/accuracy" in metrics[-1]
     assert Checkpointer(str(tmp_path / "run" / CHECKPOINT_DIR), save_every=2).latest_step() == 2
+
+
+REJECTION_SCRIPT = """
+import sys
+from moe_jax.parallel.distributed import initialize_distributed
+out, processes = sys.argv[1], int(sys.argv[2])
+if processes > 1:
+    initialize_distributed(sys.argv[3], processes, int(sys.argv[4]))
+import jax
+from moe_jax.data.tasks import make_task
+from moe_jax.data.tokenizer import CharTokenizer
+from moe_jax.models.sampler import SamplingConfig
+from moe_jax.parallel import make_mesh
+from moe_jax.pipeline import datasets
+from moe_jax.pipeline.config import RejectionConfig
+from moe_jax.pipeline.rejection import rejection_sample
+from moe_jax.train.context import init_model_and_optimizer
+from moe_jax.train.experiment_config import ExperimentConfig
+from tests.test_multiprocess import MODEL
+
+mesh = make_mesh("auto")
+model, _ = init_model_and_optimizer(ExperimentConfig(model=MODEL, seed=3), mesh)
+task = make_task("arithmetic", max_digits=2, languages="en+fr")
+problems = datasets.fresh_problems(task, 11, 24, set())
+cfg = RejectionConfig(prompts=24, prompts_per_batch=8, min_tokens=1, max_tokens=24,
+                      sampling=SamplingConfig(temperature=1.0, max_new_tokens=24, samples_per_prompt=4))
+result = rejection_sample(model, task, problems, tokenizer=CharTokenizer(), template="compact", cfg=cfg,
+                          key=jax.random.key(5), mesh=mesh)
+if jax.process_index() == 0:
+    datasets.write_dataset(out, result.records, result.stats, 10**6, result.rejected)
+"""
+
+
+@pytest.mark.slow
+def test_rejection_sampling_dataset_is_the_same_on_one_and_two_processes(tmp_path):
+    """Every sample of the stage (kept or removed, with its reason) and its stats, compared."""
+    runs = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    for path in runs.values():
+        path.mkdir()
+
+    def launch(out, devices, *args):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        return subprocess.Popen([sys.executable, "-c", REJECTION_SCRIPT, str(out), *args], cwd=REPO, env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    coordinator = f"localhost:{_free_port()}"
+    two = [launch(runs["two"], 4, "2", coordinator, str(i)) for i in range(2)]
+    for process in [*two, launch(runs["one"], 8, "1")]:
+        _finish(process)
+    for name in ("data.jsonl", "rejected.jsonl", "stats.json"):
+        assert (runs["one"] / name).read_text() == (runs["two"] / name).read_text(), name
+    assert len((runs["one"] / "rejected.jsonl").read_text().splitlines()) + len(
+        (runs["one"] / "data.jsonl").read_text().splitlines()) == 24 * 4

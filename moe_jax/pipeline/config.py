@@ -21,8 +21,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from moe_jax.configs import ModelConfig
+from moe_jax.configs import ModelConfig, get_preset
 from moe_jax.data.tasks import make_task
+from moe_jax.errors import InputError
 from moe_jax.models.sampler import SamplingConfig
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.train import config_tree
@@ -121,19 +122,20 @@ class PipelineConfig:
     # A stage's copies of the shared fields are not its own to set: `--config.<field>` sets them all.
     DERIVED_FIELDS: ClassVar[tuple[str, ...]] = tuple(f"{s}.{f}" for s in RUN_STAGES for f in SHARED_FIELDS)
 
-    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(max_seq_len=256))
+    model: ModelConfig = dataclasses.field(default_factory=lambda: dataclasses.replace(get_preset("tiny-moe"),
+                                                                                        max_seq_len=256))
     seed: int = 0
     task: str = "arithmetic"  # the reasoning task
     task_options: str = "max_digits=3,ops=+,slip=carry,languages=en+fr"
     template: str = "compact"
     tokenizer: str = "char"
     non_reasoning: str = "number_words"  # answered without a <think> block
-    non_reasoning_options: str = "max_value=99,languages=en+fr"
+    non_reasoning_options: str = "max_value=999,languages=en+fr"
     non_reasoning_share: float = 0.2  # of the base corpus, the rejection dataset and final RL's prompts
     switch_rate: float = 0.2  # chance a base-corpus trace word is in the other language
 
     base: ExperimentConfig = dataclasses.field(default_factory=lambda: ExperimentConfig(
-        steps=1000, batch_size=128, seq_len=128, corpus=CorpusConfig(error_rate=0.7),
+        steps=1000, batch_size=16, seq_len=128, corpus=CorpusConfig(error_rate=0.7),
         loop=LoopConfig(eval_every=1000, checkpoint_every=1000, eval_problems=128, eval_max_new_tokens=160)))
     cold_start_data: ColdStartData = dataclasses.field(default_factory=ColdStartData)
     cold_start: ExperimentConfig = dataclasses.field(default_factory=lambda: _sft(steps=100))
@@ -162,8 +164,11 @@ class PipelineConfig:
                  "sft": (mixture, mixed_options), "final_rl": (mixture, mixed_options)}
         for stage in RUN_STAGES:
             task, options = tasks[stage]
-            object.__setattr__(self, stage, dataclasses.replace(getattr(self, stage), **shared, task=task,
-                                                                task_options=options))
+            try:
+                run = dataclasses.replace(getattr(self, stage), **shared, task=task, task_options=options)
+            except InputError as e:  # say which stage: every stage's run has the same field names
+                raise InputError(f"PipelineConfig.{stage}: {e}") from None
+            object.__setattr__(self, stage, run)
         make_task(mixture, **parse_options(mixed_options))  # a bad option fails here, naming the field above
 
     def mixture(self) -> tuple[str, str]:

@@ -15,9 +15,11 @@ from moe_jax.data.pipelines import problem_at
 from moe_jax.data.records import write_array_record, write_jsonl
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.template import format_response
+from moe_jax.errors import InputError
 from moe_jax.train.workdir import write_json_atomically
 
 DATA_FILE, ARRAY_RECORD_FILE, STATS_FILE = "data.jsonl", "data.array_record", "stats.json"
+REJECTED_FILE = "rejected.jsonl"  # what the filters removed, and why (for a person to read)
 
 
 def problem_identity(problem: Problem) -> str:
@@ -37,8 +39,9 @@ def fresh_problems(task: Task, seed: int, count: int, excluded: set[str]) -> lis
             seen.add(problem_identity(problem))
             problems.append(problem)
         if index > 100 * count + 10_000:
-            raise ValueError(f"only {len(problems)} fresh problems in the first {index} of task {task.name!r}; "
-                             "ask for fewer rejection_sampling.prompts or make the task larger")
+            raise InputError(f"only {len(problems)} fresh problems in the first {index} of task {task.name!r} (the "
+                             "others are in eval sets or earlier stages). Fix: ask for fewer prompts or examples, or "
+                             "make the task larger (its options)")
     return problems
 
 
@@ -62,14 +65,16 @@ def mixed_count(reasoning: int, share: float) -> int:
 
 
 def write_dataset(directory: str, records: Sequence[dict[str, Any]], stats: dict[str, Any],
-                  array_record_above: int) -> str:
-    """`data.jsonl` (and `data.array_record` beside it past `array_record_above` records), then
-    `stats.json`, each atomically; returns the file an SFT run should read."""
+                  array_record_above: int, rejected: Sequence[dict[str, Any]] = ()) -> str:
+    """`data.jsonl` (and `data.array_record` beside it past `array_record_above` records),
+    `rejected.jsonl`, then `stats.json`, each atomically; returns the file an SFT run should read."""
     write_jsonl(os.path.join(directory, DATA_FILE), records)
     path = os.path.join(directory, DATA_FILE)
     if len(records) > array_record_above:
         path = os.path.join(directory, ARRAY_RECORD_FILE)
         write_array_record(path, records)
+    write_json_atomically(os.path.join(directory, REJECTED_FILE),
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
     write_json_atomically(os.path.join(directory, STATS_FILE), json.dumps(stats, indent=2, sort_keys=True))
     return path
 

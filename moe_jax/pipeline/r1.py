@@ -161,7 +161,7 @@ class R1Pipeline:
                  "total": {**removal_summary(result.stats), "records": len(result.records) + len(mixed),
                            "tokens_sampled": result.tokens, "seconds": result.seconds}}
         if is_lead():
-            datasets.write_dataset(stage_dir, result.records + mixed, stats, rs.array_record_above)
+            datasets.write_dataset(stage_dir, result.records + mixed, stats, rs.array_record_above, result.rejected)
             workdir_format.mark_done(stage_dir, 0, stats["total"])
         sync("rejection sampling written")
 

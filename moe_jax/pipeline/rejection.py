@@ -63,6 +63,7 @@ def rejection_reason(task: Task, problem: Problem, text: str, length: int, trunc
 @dataclasses.dataclass
 class RejectionResult:
     records: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]  # each removed sample: its prompt, completion and the filter it failed
     stats: dict[str, Any]  # per task: prompts, sampled, removed by each filter, kept
     tokens: int  # completion tokens sampled
     seconds: dict[str, float]  # sampling (on the devices), filtering (on the host)
@@ -79,6 +80,7 @@ def rejection_sample(policy: Transformer, task: Task, problems: Sequence[Problem
                          f"{jax.process_count()} processes. Fix: make it a multiple of the process count")
     k = cfg.sampling.samples_per_prompt
     records: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
     stats: dict[str, Any] = {}
     sampling_s = filtering_s = 0.0
     tokens = 0
@@ -112,9 +114,10 @@ def rejection_sample(policy: Transformer, task: Task, problems: Sequence[Problem
                     counts["kept"] += 1
                 else:
                     counts["removed"][reason] += 1
+                    rejected.append({"prompt": prompts[p], "completion": text, "task": problem.task, "reason": reason})
         sampling_s += t1 - t0
         filtering_s += time.perf_counter() - t1
-    return RejectionResult(records, stats, tokens, {"sampling": sampling_s, "filtering": filtering_s})
+    return RejectionResult(records, rejected, stats, tokens, {"sampling": sampling_s, "filtering": filtering_s})
 
 
 def removal_summary(stats: dict[str, Any]) -> dict[str, Any]:

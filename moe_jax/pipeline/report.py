@@ -33,6 +33,7 @@ from moe_jax.rl.sampling import sample_and_score
 from moe_jax.rl.trainer import all_rows
 from moe_jax.train.evaluation import completion_text, heldout_seed, left_padded_prompts
 from moe_jax.train.metrics import read_metrics
+from moe_jax.train.workdir import write_json_atomically
 
 RESULTS_MD, RESULTS_CSV, RESULTS_PNG = "results.md", "results.csv", "results.png"
 
@@ -113,20 +114,14 @@ def write_results(workdir: str, rows: Mapping[str, Mapping[str, Any]], columns: 
     lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for stage, row in rows.items():
         lines.append("| " + " | ".join(cell({**row, "stage": stage}.get(c)) for c in columns) + " |")
-    _write_text(os.path.join(workdir, RESULTS_MD), "\n".join(lines) + "\n")
+    write_json_atomically(os.path.join(workdir, RESULTS_MD), "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(columns)
     for stage, row in rows.items():
         writer.writerow([cell({**row, "stage": stage}.get(c)) for c in columns])
-    _write_text(os.path.join(workdir, RESULTS_CSV), buffer.getvalue())
+    write_json_atomically(os.path.join(workdir, RESULTS_CSV), buffer.getvalue())
     plot_results(os.path.join(workdir, RESULTS_PNG), rows, [c for c in columns if c != "stage"])
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def plot_results(path: str, rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str]) -> None:

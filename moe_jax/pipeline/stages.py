@@ -105,11 +105,12 @@ def run_stages(workdir: str, stages: Sequence[Stage], *, only: Sequence[str] = (
         if is_lead():
             os.makedirs(stage_dir, exist_ok=True)
         sync(f"stage dir {stage.name}")
-        attempts = [] if record is None else record["attempts"]
+        resuming = record is not None  # an attempt under this key began here: its run resumes
+        attempts = record["attempts"] if resuming else []
         record = {"stage": stage.name, "key": key, "inputs": {name: keys[name] for name in stage.inputs},
                   "settings": stage.settings, "attempts": attempts}
         _write_stage(stage_dir, record)
-        logging.info("stage %s: %s (key %s)", stage.name, "resuming" if attempts else "running", key)
+        logging.info("stage %s: %s (key %s)", stage.name, "resuming" if resuming else "running", key)
         start = time.time()
         stage.run(stage_dir, {name: os.path.join(workdir, name) for name in stage.inputs})
         _write_stage(stage_dir, {**record, "attempts": [*attempts, {"seconds": time.time() - start}]})
