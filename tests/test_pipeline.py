@@ -15,6 +15,7 @@ from moe_jax.data.pipelines import problem_at
 from moe_jax.data.records import read_jsonl
 from moe_jax.data.tasks import make_task, problem_language
 from moe_jax.data.template import format_response
+from moe_jax.data.tokenizer import UNKNOWN_ID_TEXT
 from moe_jax.errors import InputError
 from moe_jax.pipeline import datasets, report
 from moe_jax.pipeline.config import RUN_STAGES, PipelineConfig, RejectionConfig
@@ -43,6 +44,7 @@ def test_each_filter_on_hand_made_completions():
     assert _reason(right) is None
     assert _reason(f"<think>so</think> {a + b}") == "template"  # the right answer in a broken template
     assert _reason(f"<think>so</think><answer>{a + b}</answer><answer>{a + b}</answer>") == "template"
+    assert _reason(format_response(f"so {UNKNOWN_ID_TEXT}", str(a + b))) == "template"  # an id past the vocabulary
     assert _reason(format_response("so", str(a + b + 1))) == "verifier"
     assert _reason(format_response(f"write {a}\ndonc {a}+{b}={a + b}", str(a + b))) == "language"  # mixed CoT
     assert _reason(format_response(f"donc {a}+{b}={a + b}", str(a + b))) == "language"  # the other language

@@ -4,7 +4,8 @@ k samples per fresh prompt (prompts disjoint from every eval set and from the RL
 completion is kept only if it passes, in order, these filters — each removal is counted against
 the first one it fails, per task, in `stats.json`:
 
-    template    it follows the task's template (`<think>…</think><answer>…</answer>`)
+    template    it follows the task's template (`<think>…</think><answer>…</answer>`), and every
+                token is one the tokenizer can write back (no id past its vocabulary)
     verifier    the task's verifier accepts its answer
     language    every word of its chain of thought is in the prompt's language
     length      [min_tokens, max_tokens] tokens, and it ended (not cut at the budget)
@@ -29,7 +30,7 @@ import jax
 from moe_jax.data.language import language_share
 from moe_jax.data.pipelines import prompt_ids
 from moe_jax.data.tasks import Problem, Task, problem_language
-from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.data.tokenizer import UNKNOWN_ID_TEXT, Tokenizer
 from moe_jax.models import Transformer
 from moe_jax.parallel.distributed import process_batch_slice
 from moe_jax.parallel.rules import Rules
@@ -46,7 +47,7 @@ def rejection_reason(task: Task, problem: Problem, text: str, length: int, trunc
                      cfg: RejectionConfig) -> str | None:
     """The first filter `text` fails (None: keep it). `kept`: the prompt's completions kept so far."""
     parsed = task.parse(problem, text)
-    if not parsed.format_ok:
+    if not parsed.format_ok or UNKNOWN_ID_TEXT in text:  # an id the tokenizer cannot write is not text
         return "template"
     if not task.check_answer(problem, parsed.answer):
         return "verifier"

@@ -1,10 +1,11 @@
 """The pipeline's results table: every stage's model measured on one held-out set.
 
 Per stage: greedy accuracy per task, pass@k of the reasoning task (k samples at the report's
-temperature: a problem passes when any sample is right), the format rate, R1's language
+temperature: a problem passes when any sample is right), the greedy format rate, R1's language
 consistency (the mean share of chain-of-thought words in the prompt's language) and the share of
-completions that mix languages, the mean completion length (tokens) of correct and of incorrect
-answers, the non-reasoning task's accuracy, and the tokens and wall time the stage spent.
+completions that mix languages — both over the k sampled completions, the policy's habit — the
+mean greedy completion length (tokens) of correct and of incorrect answers, the non-reasoning
+task's accuracy, and the tokens and wall time the stage spent.
 Written as `results.md`, `results.csv` and `results.png`.
 """
 
@@ -71,20 +72,23 @@ def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: R
     reasoning = np.asarray([task.is_reasoning(p) for p in problems])
     names = np.asarray([p.task for p in problems])
     row: dict[str, float] = {f"accuracy/{name}": float(correct[names == name].mean()) for name in sorted(set(names))}
-    chains = [task.reasoning_text(p, t) for p, t, r in zip(problems, texts, reasoning) if r]
     thought = [p for p, r in zip(problems, reasoning) if r]
-    row["format"] = float(np.mean([c is not None for c in chains]))
-    row["language"] = float(np.mean([0.0 if c is None else language_share(c, problem_language(p))
-                                     for p, c in zip(thought, chains)]))
-    row["language_mixed"] = float(np.mean([c is not None and mixes_languages(c) for c in chains]))
+    row["format"] = float(np.mean([task.parse(p, t).format_ok for p, t, r in zip(problems, texts, reasoning) if r]))
     for label, selected in (("length_correct", correct & reasoning), ("length_incorrect", ~correct & reasoning)):
         row[label] = float(lengths[selected].mean()) if selected.any() else math.nan
     k = cfg.pass_k
     sampled = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, samples_per_prompt=k)
     texts_k, _ = _sample(policy, task, thought, sampled, tokenizer=tokenizer, template=template, key=key,
                          mesh=mesh, rules=rules)
-    passed = np.asarray([task.verify(p, t) for p, t in zip(np.repeat(np.asarray(thought, object), k), texts_k)])
+    problems_k = [p for p in thought for _ in range(k)]
+    passed = np.asarray([task.verify(p, t) for p, t in zip(problems_k, texts_k)])
     row[f"pass@{k}"] = float(passed.reshape(len(thought), k).any(axis=1).mean())
+    # Language is the policy's habit, so it is read off the sampled chains (greedy decoding
+    # hides a mixing the model does at temperature: R1-Zero's traces mixed when sampled).
+    chains = [task.reasoning_text(p, t) for p, t in zip(problems_k, texts_k)]
+    row["language"] = float(np.mean([0.0 if c is None else language_share(c, problem_language(p))
+                                     for p, c in zip(problems_k, chains)]))
+    row["language_mixed"] = float(np.mean([c is not None and mixes_languages(c) for c in chains]))
     return row
 
 
