@@ -137,3 +137,22 @@ def test_a_rerun_skips_and_a_changed_stage_redoes_only_what_follows(finished, tm
     assert sorted(os.listdir(workdir / "superseded")) == [f"final_rl-{read_stage(str(root / 'uninterrupted' / 'final_rl'))['key']}",
                                                            f"sft-{read_stage(str(root / 'uninterrupted' / 'sft'))['key']}"]
     assert "stage r1_zero: done" in redo.stderr and "stage base: done" in redo.stderr
+
+
+def test_a_base_from_elsewhere_is_read_not_trained(finished, tmp_path):
+    """`init_from` (a run here; `hf:<folder>` takes the same path) replaces the base stage."""
+    from moe_jax.pipeline.r1 import run_pipeline
+    from moe_jax.train.workdir import read_done
+
+    root, _ = finished
+    base = str(root / "uninterrupted" / "base")
+    run_pipeline(TINY, str(tmp_path), init_from=base, only=["cold_start"])
+    assert read_done(str(tmp_path / "base"))["metrics"] == {"init_from": base}
+    assert not (tmp_path / "base" / "checkpoints").exists()
+    assert json.loads((tmp_path / "cold_start" / "stage.json").read_text())["inputs"]["base"] == read_stage(
+        str(tmp_path / "base"))["key"]
+    assert not (tmp_path / "reasoning_rl").exists()
+    # It started from those weights: its losses are the ones the pipeline that trained the base had.
+    losses = [[m["loss"] for m in read_metrics(str(w / "cold_start" / "metrics.jsonl")) if "loss" in m]
+              for w in (tmp_path, root / "uninterrupted")]
+    assert losses[0] == losses[1]
