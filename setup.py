@@ -24,7 +24,7 @@ setup(
         "safetensors",  # Hugging Face weights (moe_jax.interop): header validation, sliced reads
     ],
     extras_require={
-        "test": ["pytest", "ruff"],
+        "test": ["pytest", "pytest-xdist", "ruff"],
         # Hugging Face parity tests (tests/test_interop_*.py); moe_jax.interop itself needs none of it.
         "hf": ["torch==2.13.0", "transformers"],
     },

@@ -5,6 +5,7 @@ import pytest
 from absl import flags
 
 from moe_jax.configs import get_preset
+from moe_jax.pipeline.config import PipelineConfig
 from moe_jax.experiment_main import config_from_recipe_flags, define_recipe_flags
 from moe_jax.recipes import RECIPES, get_recipe, r1_zero_base_config, recipes_for
 from moe_jax.rl.config import GRPOConfig
@@ -20,7 +21,8 @@ def _flags(default_recipe: str, argv: list[str]) -> flags.FlagValues:
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_the_command_line_and_the_library_build_the_same_config(name):
-    script_default = "pretrain" if RECIPES[name].config_class is ExperimentConfig else "grpo"
+    script_default = {ExperimentConfig: "pretrain", GRPOConfig: "grpo", PipelineConfig: "r1-arithmetic"}[
+        RECIPES[name].config_class]
     assert config_from_recipe_flags(_flags(script_default, [f"--recipe={name}"])) == get_recipe(name).config()
 
 
