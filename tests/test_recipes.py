@@ -5,8 +5,8 @@ import pytest
 from absl import flags
 
 from moe_jax.configs import get_preset
-from moe_jax.pipeline.config import PipelineConfig
 from moe_jax.experiment_main import config_from_recipe_flags, define_recipe_flags
+from moe_jax.pipeline.config import PipelineConfig
 from moe_jax.recipes import RECIPES, get_recipe, r1_zero_base_config, recipes_for
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.train.experiment_config import ExperimentConfig

@@ -30,9 +30,11 @@ from moe_jax.models.sampler import SamplingConfig
 from moe_jax.parallel.distributed import process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline.config import ReportConfig
+from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.sampling import sample_and_score
 from moe_jax.rl.trainer import all_rows
 from moe_jax.train.evaluation import completion_text, heldout_seed, left_padded_prompts
+from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.workdir import write_json_atomically
 
@@ -92,10 +94,10 @@ def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: R
     return row
 
 
-def stage_tokens(stage_dir: str, cfg: Any) -> int:
+def stage_tokens(stage_dir: str, cfg: RunConfig) -> int:
     """Tokens a stage's run processed: rows × seq_len per step for a language-model run; the
     completion tokens it sampled for an RL run (from its metrics)."""
-    if hasattr(cfg, "sampling"):
+    if isinstance(cfg, GRPOConfig):
         path = os.path.join(stage_dir, "metrics.jsonl")
         records = read_metrics(path) if os.path.exists(path) else []
         return int(sum(r["completions/mean_length"] * cfg.batch_size for r in records
