@@ -38,6 +38,11 @@ def _divergence_BxT(student_logp_BxTxV: jax.Array, teacher_logp_BxTxV: jax.Array
     return beta * kl_BxT(teacher_logp_BxTxV, mixture_logp) + (1 - beta) * kl_BxT(student_logp_BxTxV, mixture_logp)
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    """bf16/fp16 logits are upcast (a softmax over a vocabulary needs fp32); fp64 stays fp64."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _masked_mean(values_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
     mask_BxT = mask_BxT.astype(values_BxT.dtype)
     return jnp.sum(values_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
@@ -54,15 +59,15 @@ def generalized_jsd(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.A
     none is). Gradients flow into both arguments: a frozen teacher's logits are constants (wrap
     them in `jax.lax.stop_gradient` when they come out of a differentiated function)."""
     _check_beta(beta)
-    student_logp = jax.nn.log_softmax(student_logits_BxTxV.astype(jnp.float32) / temperature, axis=-1)
-    teacher_logp = jax.nn.log_softmax(teacher_logits_BxTxV.astype(jnp.float32) / temperature, axis=-1)
+    student_logp = jax.nn.log_softmax(_at_least_f32(student_logits_BxTxV) / temperature, axis=-1)
+    teacher_logp = jax.nn.log_softmax(_at_least_f32(teacher_logits_BxTxV) / temperature, axis=-1)
     return _masked_mean(_divergence_BxT(student_logp, teacher_logp, beta), mask_BxT)
 
 
 def teacher_topk(teacher_logits_BxTxV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """(ids `[B, T, k]` int32, log-probs `[B, T, k]` float32) of the teacher's k likeliest tokens at
     temperature 1: what a top-k cache stores (k·8 bytes a token instead of V·4)."""
-    logp_BxTxV = jax.nn.log_softmax(teacher_logits_BxTxV.astype(jnp.float32), axis=-1)
+    logp_BxTxV = jax.nn.log_softmax(_at_least_f32(teacher_logits_BxTxV), axis=-1)
     logp_BxTxK, ids_BxTxK = jax.lax.top_k(logp_BxTxV, k)
     return ids_BxTxK.astype(jnp.int32), logp_BxTxK
 
@@ -73,7 +78,7 @@ def topk_generalized_jsd(student_logits_BxTxV: jax.Array, teacher_ids_BxTxK: jax
     """`generalized_jsd` on the teacher's cached top-k support: the teacher's log-probs and the
     student's logits at those ids, each renormalised over the k ids at `temperature`."""
     _check_beta(beta)
-    student_BxTxK = jnp.take_along_axis(student_logits_BxTxV.astype(jnp.float32), teacher_ids_BxTxK, axis=-1)
+    student_BxTxK = jnp.take_along_axis(_at_least_f32(student_logits_BxTxV), teacher_ids_BxTxK, axis=-1)
     student_logp = jax.nn.log_softmax(student_BxTxK / temperature, axis=-1)
-    teacher_logp = jax.nn.log_softmax(teacher_logp_BxTxK.astype(jnp.float32) / temperature, axis=-1)
+    teacher_logp = jax.nn.log_softmax(_at_least_f32(teacher_logp_BxTxK) / temperature, axis=-1)
     return _masked_mean(_divergence_BxT(student_logp, teacher_logp, beta), mask_BxT)
