@@ -150,7 +150,8 @@ def load_base(name_or_path: str, defaults: Mapping[str, Any], config_class: type
                         "--config.model.<field>=...", name_or_path, len(fields["model"]), len(missing),
                         ", ".join(missing))
     file_tree = config_class.migrate(fields)
-    merged = {**config_tree.flatten(config_tree.nest(defaults)), **config_tree.flatten({"model": model_defaults}), **config_tree.flatten(file_tree)}
+    merged = {**config_tree.flatten(config_tree.nest(defaults)), **config_tree.flatten({"model": model_defaults}),
+              **config_tree.flatten(file_tree)}
     return config_class.from_dict(config_tree.nest(merged))
 
 

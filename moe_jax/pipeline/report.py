@@ -21,9 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax.data.language import language_share, mixes_languages
 from moe_jax.data.pipelines import problem_at, prompt_ids
-from moe_jax.data.tasks import Problem, Task, problem_language
+from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models import Transformer
 from moe_jax.models.sampler import SamplingConfig
@@ -87,10 +86,8 @@ def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: R
     row[f"pass@{k}"] = float(passed.reshape(len(thought), k).any(axis=1).mean())
     # Language is the policy's habit, so it is read off the sampled chains (greedy decoding
     # hides a mixing the model does at temperature: R1-Zero's traces mixed when sampled).
-    chains = [task.reasoning_text(p, t) for p, t in zip(problems_k, texts_k)]
-    row["language"] = float(np.mean([0.0 if c is None else language_share(c, problem_language(p))
-                                     for p, c in zip(problems_k, chains)]))
-    row["language_mixed"] = float(np.mean([c is not None and mixes_languages(c) for c in chains]))
+    row["language"] = float(np.mean([task.language_consistency(p, t) for p, t in zip(problems_k, texts_k)]))
+    row["language_mixed"] = float(np.mean([task.mixes_languages(p, t) for p, t in zip(problems_k, texts_k)]))
     return row
 
 

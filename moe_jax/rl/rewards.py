@@ -22,8 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from moe_jax.data.language import language_share, mixes_languages
-from moe_jax.data.tasks.base import Problem, Task, problem_language
+from moe_jax.data.tasks.base import Problem, Task
 from moe_jax.data.template import parse_completion
 from moe_jax.train.experiment_config import parse_options
 
@@ -103,25 +102,19 @@ def task_format_reward(task: Task, problem: Problem, completion: str) -> float:
     return 1.0 if task.parse(problem, completion).format_ok else 0.0
 
 
-def _reasoning_text(task: Task, problem: Problem, completion: str) -> str | None:
-    return task.reasoning_text(problem, completion) if _scorable(completion) else None
-
-
 @register_reward("language")
 def language_reward(task: Task, problem: Problem, completion: str) -> float:
     """R1 §2.3.2: the share of the chain of thought's words in the language the prompt names
-    (`moe_jax.data.language.language_share`); 0.0 when there is no chain of thought to measure
-    (the template is broken)."""
-    text = _reasoning_text(task, problem, completion)
-    return 0.0 if text is None else language_share(text, problem_language(problem))
+    (`Task.language_consistency`); 0.0 when there is no chain of thought to measure (the template
+    is broken)."""
+    return task.language_consistency(problem, completion) if _scorable(completion) else 0.0
 
 
 @register_reward("language_mixed")
 def language_mixed(task: Task, problem: Problem, completion: str) -> float:
     """A metric more than a reward (weigh it 0 to log `rewards/language_mixed/mean`): 1.0 when
     the chain of thought has words of two languages."""
-    text = _reasoning_text(task, problem, completion)
-    return float(text is not None and mixes_languages(text))
+    return float(_scorable(completion) and task.mixes_languages(problem, completion))
 
 
 def combined_rewards(task: Task, problems: Sequence[Problem], completions: Sequence[str],
@@ -138,7 +131,8 @@ def combined_rewards(task: Task, problems: Sequence[Problem], completions: Seque
     """
     weights = DEFAULT_WEIGHTS if weights is None else weights
     if reward_fns is None:
-        reward_fns = {name: REWARD_FUNCTIONS[name] for name in {**DEFAULT_WEIGHTS, **weights} if name in REWARD_FUNCTIONS}
+        reward_fns = {name: REWARD_FUNCTIONS[name] for name in {**DEFAULT_WEIGHTS, **weights}
+                      if name in REWARD_FUNCTIONS}
     unknown = sorted(set(weights) - set(reward_fns))
     if unknown:
         raise ValueError(f"weights for unknown rewards {unknown}; known: {sorted(reward_fns)}")

@@ -16,9 +16,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from moe_jax.data.language import language_share, mixes_languages
 from moe_jax.data.pipelines import packed_batches, problem_at, prompt_ids, task_examples
-from moe_jax.data.tasks import Problem, Task, problem_language
+from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models.sampler import SamplingConfig, jit_generate
 from moe_jax.parallel.distributed import global_batch_array
@@ -110,8 +109,6 @@ def judge(task: Task, problems: list[Problem], texts: list[str]) -> dict[str, fl
     if len(set(names)) > 1:
         measures.update({f"accuracy/{name}": float(correct[np.asarray(names) == name].mean()) for name in set(names)})
     if len(task.languages) > 1:
-        reasoning = [task.reasoning_text(p, text) for p, text in zip(problems, texts)]
-        measures["language"] = float(np.mean([0.0 if r is None else language_share(r, problem_language(p))
-                                              for p, r in zip(problems, reasoning)]))
-        measures["language_mixed"] = float(np.mean([r is not None and mixes_languages(r) for r in reasoning]))
+        measures["language"] = float(np.mean([task.language_consistency(p, t) for p, t in zip(problems, texts)]))
+        measures["language_mixed"] = float(np.mean([task.mixes_languages(p, t) for p, t in zip(problems, texts)]))
     return measures

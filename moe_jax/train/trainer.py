@@ -38,7 +38,8 @@ def lm_run(loss_fn: LossFn = lm_loss) -> driver.BuildRun:
             examples = task_examples(context.task, context.tokenizer, seed=cfg.seed,
                                      error_rate=cfg.corpus.error_rate, template=cfg.template,
                                      loss_on_prompt=cfg.corpus.loss_on_prompt)
-        batches = iter(packed_batches(examples, seq_len=cfg.seq_len, seed=cfg.seed, weighted=bool(cfg.data), repeat=bool(cfg.data),
+        batches = iter(packed_batches(examples, seq_len=cfg.seq_len, seed=cfg.seed,
+                                      weighted=bool(cfg.data), repeat=bool(cfg.data),
                                       batch_size=local_rows.stop - local_rows.start))
 
         def step(_, state):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax.data.language import LANGUAGE_NAMES, LANGUAGES, Phrasebook
+from moe_jax.data.language import LANGUAGE_NAMES, LANGUAGES, Phrasebook, language_share, mixes_languages
 from moe_jax.data.template import ParsedCompletion, format_prompt, format_response, parse_completion
 
 
@@ -103,6 +103,17 @@ class Task(abc.ABC):
         if not parsed.format_ok:
             return None
         return parsed.thinking if parsed.thinking is not None else parsed.answer
+
+    def language_consistency(self, problem: Problem, completion: str) -> float:
+        """R1 §2.3.2: the share of the reasoning text's words in the prompt's language; 0.0 when the
+        completion breaks its template (there is no chain of thought to measure)."""
+        text = self.reasoning_text(problem, completion)
+        return 0.0 if text is None else language_share(text, problem_language(problem))
+
+    def mixes_languages(self, problem: Problem, completion: str) -> bool:
+        """Whether the reasoning text has words of two languages (False for a broken template)."""
+        text = self.reasoning_text(problem, completion)
+        return text is not None and mixes_languages(text)
 
     def verify(self, problem: Problem, completion: str) -> bool:
         """Accuracy reward's judge: the completion is well formed and its answer is correct
