@@ -116,8 +116,11 @@ def test_stages_skip_resume_and_redo_downstream(tmp_path):
 
 def test_only_runs_what_a_stage_reads(tmp_path):
     calls = []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("mine")  # a folder the pipeline did not make: kept aside
     run_stages(str(tmp_path), _graph(calls), only=["b"])
     assert calls == ["a", "b"]
+    assert (tmp_path / SUPERSEDED_DIR / "a-unkeyed" / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="unknown stage"):
         run_stages(str(tmp_path), _graph(calls), only=["sft"])
 

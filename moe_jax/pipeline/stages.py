@@ -99,8 +99,10 @@ def run_stages(workdir: str, stages: Sequence[Stage], *, only: Sequence[str] = (
             continue
         if os.path.exists(stage_dir) and (record is None or record["key"] != key):
             old = "unkeyed" if record is None else record["key"]
-            logging.warning("stage %s: its config or inputs changed (key %s -> %s); the old folder is now %s "
-                            "and the stage is redone", stage.name, old, key, _supersede(workdir, stage_dir, old))
+            why = ("has no stage.json (not this pipeline's, or killed before it was written)" if record is None
+                   else f"was computed under another config or inputs (key {old} -> {key})")
+            logging.warning("stage %s: its folder %s; it is now %s and the stage is redone", stage.name, why,
+                            _supersede(workdir, stage_dir, old))
             record = None
         if is_lead():
             os.makedirs(stage_dir, exist_ok=True)
