@@ -28,17 +28,13 @@ from typing import Any
 import jax
 
 from moe_jax.data.language import language_share
-from moe_jax.data.pipelines import prompt_ids
 from moe_jax.data.tasks import Problem, Task, problem_language
 from moe_jax.data.tokenizer import UNKNOWN_ID_TEXT, Tokenizer
 from moe_jax.models import Transformer
-from moe_jax.parallel.distributed import process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline.config import RejectionConfig
 from moe_jax.pipeline.datasets import task_record
-from moe_jax.rl.sampling import sample_and_score
-from moe_jax.rl.trainer import all_rows
-from moe_jax.train.evaluation import completion_text, left_padded_prompts
+from moe_jax.rl.sampling import sample_problems
 
 FILTERS = ("template", "verifier", "language", "length", "duplicate")
 
@@ -86,36 +82,31 @@ def rejection_sample(policy: Transformer, task: Task, problems: Sequence[Problem
     sampling_s = filtering_s = 0.0
     tokens = 0
     for batch_index, start in enumerate(range(0, len(problems), cfg.prompts_per_batch)):
-        batch = list(problems[start:start + cfg.prompts_per_batch])
-        batch += batch[:1] * (cfg.prompts_per_batch - len(batch))  # a full last batch: one compiled shape
-        local = process_batch_slice(len(batch))
-        prompts = [task.prompt(p, template) for p in batch]
-        tokens_PxL, segments_PxL = left_padded_prompts([prompt_ids(task, tokenizer, p, template) for p in batch],
-                                                       tokenizer.pad_id)
+        batch = problems[start:start + cfg.prompts_per_batch]
         t0 = time.perf_counter()
-        scored = sample_and_score(policy, tokens_PxL[local], segments_PxL[local], batch[local], task=task,
-                                  tokenizer=tokenizer, sampling=cfg.sampling, reward_weights={},
-                                  key=jax.random.fold_in(key, batch_index), mesh=mesh, rules=rules)
-        rollout = all_rows({name: scored.rollout[name] for name in ("tokens", "lengths", "truncated")})
+        sampled = sample_problems(policy, task, batch, tokenizer=tokenizer, template=template, sampling=cfg.sampling,
+                                  key=jax.random.fold_in(key, batch_index), mesh=mesh, rules=rules,
+                                  rows=cfg.prompts_per_batch)  # a full last batch: one compiled shape
         t1 = time.perf_counter()
-        tokens += int(rollout["lengths"][:(len(problems) - start) * k].sum())
-        for p, problem in enumerate(batch[:len(problems) - start]):
+        tokens += int(sampled.lengths.sum())
+        texts = sampled.texts(tokenizer)
+        for p, problem in enumerate(batch):
             counts = stats.setdefault(problem.task, {"prompts": 0, "sampled": 0,
                                                      "removed": dict.fromkeys(FILTERS, 0), "kept": 0})
             counts["prompts"] += 1
-            kept: list[str] = []
+            prompt, kept = task.prompt(problem, template), []
             for row in range(p * k, (p + 1) * k):
-                text = completion_text(tokenizer, rollout["tokens"][row])
-                reason = rejection_reason(task, problem, text, int(rollout["lengths"][row]),
-                                          bool(rollout["truncated"][row]), kept, cfg)
+                text = texts[row]
+                reason = rejection_reason(task, problem, text, int(sampled.lengths[row]), bool(sampled.truncated[row]),
+                                          kept, cfg)
                 counts["sampled"] += 1
                 if reason is None:
                     kept.append(text)
-                    records.append(task_record(problem, prompts[p], text, source))
+                    records.append(task_record(problem, prompt, text, source))
                     counts["kept"] += 1
                 else:
                     counts["removed"][reason] += 1
-                    rejected.append({"prompt": prompts[p], "completion": text, "task": problem.task, "reason": reason})
+                    rejected.append({"prompt": prompt, "completion": text, "task": problem.task, "reason": reason})
         sampling_s += t1 - t0
         filtering_s += time.perf_counter() - t1
     return RejectionResult(records, rejected, stats, tokens, {"sampling": sampling_s, "filtering": filtering_s})

@@ -21,18 +21,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax.data.pipelines import problem_at, prompt_ids
+from moe_jax.data.pipelines import problem_at
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models import Transformer
 from moe_jax.models.sampler import SamplingConfig
-from moe_jax.parallel.distributed import process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline.config import ReportConfig
 from moe_jax.rl.config import GRPOConfig
-from moe_jax.rl.sampling import sample_and_score
-from moe_jax.rl.trainer import all_rows
-from moe_jax.train.evaluation import completion_text, heldout_seed, left_padded_prompts
+from moe_jax.rl.sampling import sample_problems
+from moe_jax.train.evaluation import heldout_seed
 from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.workdir import write_json_atomically
@@ -45,30 +43,14 @@ def heldout_problems(task: Task, seed: int, count: int) -> list[Problem]:
     return [problem_at(task, heldout_seed(seed), i) for i in range(count)]
 
 
-def _sample(policy: Transformer, task: Task, problems: Sequence[Problem], sampling: SamplingConfig, *,
-            tokenizer: Tokenizer, template: str, key: jax.Array | None, mesh: jax.sharding.Mesh,
-            rules: Rules | None) -> tuple[list[str], np.ndarray]:
-    """(texts, lengths) of `samples_per_prompt` completions of each problem (all processes' rows)."""
-    # Padded with copies of the first problem so that the rows split evenly over every device.
-    padded = list(problems) + list(problems[:1]) * (-len(problems) % jax.device_count())
-    local = process_batch_slice(len(padded))
-    tokens_PxL, segments_PxL = left_padded_prompts([prompt_ids(task, tokenizer, p, template) for p in padded],
-                                                   tokenizer.pad_id)
-    scored = sample_and_score(policy, tokens_PxL[local], segments_PxL[local], padded[local], task=task,
-                              tokenizer=tokenizer, sampling=sampling, reward_weights={}, key=key, mesh=mesh,
-                              rules=rules)
-    rollout = all_rows({"tokens": scored.rollout["tokens"], "lengths": scored.rollout["lengths"]})
-    rows = len(problems) * sampling.samples_per_prompt
-    return [completion_text(tokenizer, row) for row in rollout["tokens"][:rows]], rollout["lengths"][:rows]
-
-
 def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: ReportConfig, *,
             tokenizer: Tokenizer, template: str, key: jax.Array, mesh: jax.sharding.Mesh,
             rules: Rules | None = None) -> dict[str, float]:
     """The table's model columns for one model (see the module docstring)."""
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-    texts, lengths = _sample(policy, task, problems, greedy, tokenizer=tokenizer, template=template, key=None,
-                             mesh=mesh, rules=rules)
+    sampled = sample_problems(policy, task, problems, tokenizer=tokenizer, template=template, sampling=greedy,
+                              key=None, mesh=mesh, rules=rules)
+    texts, lengths = sampled.texts(tokenizer), sampled.lengths
     correct = np.asarray([task.verify(p, t) for p, t in zip(problems, texts)])
     reasoning = np.asarray([task.is_reasoning(p) for p in problems])
     names = np.asarray([p.task for p in problems])
@@ -78,9 +60,10 @@ def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: R
     for label, selected in (("length_correct", correct & reasoning), ("length_incorrect", ~correct & reasoning)):
         row[label] = float(lengths[selected].mean()) if selected.any() else math.nan
     k = cfg.pass_k
-    sampled = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, samples_per_prompt=k)
-    texts_k, _ = _sample(policy, task, thought, sampled, tokenizer=tokenizer, template=template, key=key,
-                         mesh=mesh, rules=rules)
+    at_temperature = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                    samples_per_prompt=k)
+    texts_k = sample_problems(policy, task, thought, tokenizer=tokenizer, template=template, sampling=at_temperature,
+                              key=key, mesh=mesh, rules=rules).texts(tokenizer)
     problems_k = [p for p in thought for _ in range(k)]
     passed = np.asarray([task.verify(p, t) for p, t in zip(problems_k, texts_k)])
     row[f"pass@{k}"] = float(passed.reshape(len(thought), k).any(axis=1).mean())

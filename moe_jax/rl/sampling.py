@@ -12,21 +12,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
+from moe_jax.data.pipelines import prompt_ids
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models import Transformer
 from moe_jax.models.sampler import SamplingConfig, jit_generate
 from moe_jax.parallel import BATCH_AXES, use_mesh
-from moe_jax.parallel.distributed import global_batch_array
+from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.rl import rewards
-from moe_jax.train.evaluation import completion_text
+from moe_jax.train.evaluation import completion_text, left_padded_prompts
 
 
 @dataclasses.dataclass
@@ -40,6 +42,46 @@ class ScoredSamples:
     texts: list[str]
     scores: dict[str, np.ndarray]
     sampling_s: float
+
+
+def all_rows(local: Any) -> Any:
+    """This pytree of per-process host arrays, every process's rows concatenated in process order
+    (the global batch's row order); the identity on one process."""
+    return local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True)
+
+
+@dataclasses.dataclass
+class SampledProblems:
+    """Every process's view of `samples_per_prompt` completions of each problem: `tokens` `[R, N]`,
+    `lengths` and `truncated` `[R]`, R = problems × samples_per_prompt (a problem's consecutive)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+
+    def texts(self, tokenizer: Tokenizer) -> list[str]:
+        """The completions' text (host work: a caller timing the device leaves it out)."""
+        return [completion_text(tokenizer, row) for row in self.tokens]
+
+
+def sample_problems(policy: Transformer, task: Task, problems: Sequence[Problem], *, tokenizer: Tokenizer,
+                    template: str, sampling: SamplingConfig, key: jax.Array | None, mesh: Mesh,
+                    rules: Rules | None = None, rows: int | None = None) -> SampledProblems:
+    """Sample every problem's completions, each process its share of the prompts, and gather them
+    all on every process. The prompts are padded with copies of the first problem to `rows` (one
+    compiled shape for every batch of a stage) or else to a multiple of the device count (so that
+    they split evenly); the padding's samples are dropped."""
+    padded = list(problems) + list(problems[:1]) * ((rows - len(problems)) if rows else
+                                                    -len(problems) % jax.device_count())
+    local = process_batch_slice(len(padded))
+    tokens_PxL, segments_PxL = left_padded_prompts([prompt_ids(task, tokenizer, p, template) for p in padded],
+                                                   tokenizer.pad_id)
+    scored = sample_and_score(policy, tokens_PxL[local], segments_PxL[local], padded[local], task=task,
+                              tokenizer=tokenizer, sampling=sampling, reward_weights={}, key=key, mesh=mesh,
+                              rules=rules)
+    rollout = all_rows({name: scored.rollout[name] for name in ("tokens", "lengths", "truncated")})
+    kept = len(problems) * sampling.samples_per_prompt
+    return SampledProblems(*(rollout[name][:kept] for name in ("tokens", "lengths", "truncated")))
 
 
 def score_texts(task: Task, problems: Sequence[Problem], texts: Sequence[str],

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from moe_jax.data.pipelines import longest_prompt, problem_at, rl_prompt_batches
@@ -31,7 +30,7 @@ from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.health import HealthMonitor
 from moe_jax.rl.policy import completion_width, rollout_rows
 from moe_jax.rl.rewards import parse_reward_weights
-from moe_jax.rl.sampling import sample_and_score
+from moe_jax.rl.sampling import all_rows, sample_and_score
 from moe_jax.rl.step import make_grpo_step, make_logprob_fn
 from moe_jax.train import driver
 from moe_jax.train.context import RunContext
@@ -48,12 +47,6 @@ def reward_metrics(scores: dict[str, np.ndarray], group_size: int) -> dict[str, 
                     "frac_reward_zero_std": float(np.mean(grpo.zero_std_groups(total_B, group_size))),
                     "frac_reward_zero": float(np.mean(total_B == 0))})
     return metrics
-
-
-def all_rows(local: Any) -> Any:
-    """This pytree of per-process host arrays, every process's rows concatenated in process order
-    (the global batch's row order); the identity on one process."""
-    return local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True)
 
 
 def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
