@@ -25,6 +25,10 @@ _PRESETS: dict[str, ModelConfig] = {
     "tiny-dense": ModelConfig(
         name="tiny-dense", vocab_size=256, d_model=64, n_layers=2, d_ff=128, max_seq_len=128,
         attention="gqa", n_heads=4, n_kv_heads=2),
+    # The smaller of the two distillation students (tiny-dense is the larger).
+    "tiny-dense-s": ModelConfig(
+        name="tiny-dense-s", vocab_size=256, d_model=48, n_layers=2, d_ff=96, max_seq_len=128,
+        attention="gqa", n_heads=4, n_kv_heads=2),
     # One-GPU research size (~200M total / ~60M activated): DeepSeek-V3's recipe scaled down.
     "small-moe": ModelConfig(
         name="small-moe", vocab_size=32768, d_model=768, n_layers=12, d_ff=2048, max_seq_len=2048,

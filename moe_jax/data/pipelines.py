@@ -10,6 +10,7 @@ random-access: grain shuffles, shards by process and checkpoints it by index (th
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import grain
 import grain.experimental as grain_experimental
@@ -72,19 +73,19 @@ def _process_shard(dataset: grain.MapDataset, process_index: int | None,
     return dataset[index::count]
 
 
-def _rename_packed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _rename_packed(batch: dict[str, np.ndarray], fields: Sequence[str]) -> dict[str, np.ndarray]:
     segment_ids = batch["tokens_segment_ids"]
     renamed = {"tokens": batch["tokens"], "segment_ids": segment_ids, "positions": batch["tokens_positions"],
                "loss_mask": batch["loss_mask"] * (segment_ids != 0)}
     if "loss_weight" in batch:
         renamed["loss_weight"] = batch["loss_weight"] * (segment_ids != 0)
-    return renamed
+    return {**renamed, **{name: batch[name] for name in fields}}
 
 
 def packed_batches(examples: grain.MapDataset, *, seq_len: int, batch_size: int, seed: int,
                    shuffle: bool = True, process_index: int | None = None,
-                   process_count: int | None = None, weighted: bool = False, repeat: bool = False
-                   ) -> grain.IterDataset:
+                   process_count: int | None = None, weighted: bool = False, repeat: bool = False,
+                   fields: Sequence[str] = ()) -> grain.IterDataset:
     """Examples packed first-fit into rows of `seq_len` tokens (longer ones are truncated: task
     streams only; dataset records are checked to fit), batched.
 
@@ -92,16 +93,19 @@ def packed_batches(examples: grain.MapDataset, *, seq_len: int, batch_size: int,
     (restarting per document) and `loss_mask` `[batch_size, seq_len]` (and `loss_weight` when
     `weighted`: examples from `record_examples`); this process reads only its
     `1/process_count` of the stream. With `repeat` a finite dataset (records on disk) is read
-    epoch after epoch, each in a fresh order (grain reshuffles a repeated shuffle per epoch)."""
+    epoch after epoch, each in a fresh order (grain reshuffles a repeated shuffle per epoch).
+    `fields` names further per-token arrays of the examples (`[L, ...]`, e.g. a teacher's top-k)
+    packed alongside the tokens (zeros at padding)."""
     dataset = examples.shuffle(seed=seed) if shuffle else examples
     dataset = dataset.repeat(None) if repeat else dataset
     dataset = _process_shard(dataset, process_index, process_count)
     # The packer rejects an example longer than a row: cut it to the row (its tail is lost).
     dataset = dataset.map(lambda example: {k: v[:seq_len] for k, v in example.items()}).to_iter_dataset()
     packed = grain_experimental.FirstFitPackIterDataset(
-        dataset, length_struct={name: seq_len for name in ("tokens", "loss_mask", "loss_weight")[:2 + weighted]},
+        dataset, length_struct={name: seq_len for name in (*("tokens", "loss_mask", "loss_weight")[:2 + weighted],
+                                                           *fields)},
         num_packing_bins=batch_size, shuffle_bins=False)
-    return packed.batch(batch_size, drop_remainder=True).map(_rename_packed)
+    return packed.batch(batch_size, drop_remainder=True).map(functools.partial(_rename_packed, fields=tuple(fields)))
 
 
 def prompt_ids(task: Task, tokenizer: Tokenizer, problem: Problem, template: str) -> list[int]:

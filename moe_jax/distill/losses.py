@@ -43,9 +43,11 @@ def _at_least_f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _masked_mean(values_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+def _masked_mean(values_BxT: jax.Array, mask_BxT: jax.Array, normalizer: jax.Array | None) -> jax.Array:
+    """Σ mask · values / normalizer (default: Σ mask, i.e. the mean over the masked-in tokens)."""
     mask_BxT = mask_BxT.astype(values_BxT.dtype)
-    return jnp.sum(values_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1.0)
+    normalizer = jnp.sum(mask_BxT) if normalizer is None else normalizer
+    return jnp.sum(values_BxT * mask_BxT) / jnp.maximum(normalizer, 1.0)
 
 
 def _check_beta(beta: float) -> None:
@@ -54,14 +56,16 @@ def _check_beta(beta: float) -> None:
 
 
 def generalized_jsd(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Array, mask_BxT: jax.Array, *,
-                    beta: float = 0.5, temperature: float = 1.0) -> jax.Array:
+                    beta: float = 0.5, temperature: float = 1.0, normalizer: jax.Array | None = None
+                    ) -> jax.Array:
     """GKD eq. 1 (module docstring), the mean over the tokens where `mask_BxT` is nonzero (0 when
-    none is). Gradients flow into both arguments: a frozen teacher's logits are constants (wrap
+    none is); with `normalizer`, the sum over them divided by it (a microbatch's share of a whole
+    step's mean: pass the step's token count). Gradients flow into both arguments: a frozen teacher's logits are constants (wrap
     them in `jax.lax.stop_gradient` when they come out of a differentiated function)."""
     _check_beta(beta)
     student_logp = jax.nn.log_softmax(_at_least_f32(student_logits_BxTxV) / temperature, axis=-1)
     teacher_logp = jax.nn.log_softmax(_at_least_f32(teacher_logits_BxTxV) / temperature, axis=-1)
-    return _masked_mean(_divergence_BxT(student_logp, teacher_logp, beta), mask_BxT)
+    return _masked_mean(_divergence_BxT(student_logp, teacher_logp, beta), mask_BxT, normalizer)
 
 
 def teacher_topk(teacher_logits_BxTxV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -74,11 +78,12 @@ def teacher_topk(teacher_logits_BxTxV: jax.Array, k: int) -> tuple[jax.Array, ja
 
 def topk_generalized_jsd(student_logits_BxTxV: jax.Array, teacher_ids_BxTxK: jax.Array,
                          teacher_logp_BxTxK: jax.Array, mask_BxT: jax.Array, *, beta: float = 0.5,
-                         temperature: float = 1.0) -> jax.Array:
+                         temperature: float = 1.0, normalizer: jax.Array | None = None) -> jax.Array:
     """`generalized_jsd` on the teacher's cached top-k support: the teacher's log-probs and the
-    student's logits at those ids, each renormalised over the k ids at `temperature`."""
+    student's logits at those ids, each renormalised over the k ids at `temperature` (`normalizer`
+    as there)."""
     _check_beta(beta)
     student_BxTxK = jnp.take_along_axis(_at_least_f32(student_logits_BxTxV), teacher_ids_BxTxK, axis=-1)
     student_logp = jax.nn.log_softmax(student_BxTxK / temperature, axis=-1)
     teacher_logp = jax.nn.log_softmax(_at_least_f32(teacher_logp_BxTxK) / temperature, axis=-1)
-    return _masked_mean(_divergence_BxT(student_logp, teacher_logp, beta), mask_BxT)
+    return _masked_mean(_divergence_BxT(student_logp, teacher_logp, beta), mask_BxT, normalizer)
