@@ -12,6 +12,7 @@ of the tree and are not flags of their own there.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -153,8 +154,10 @@ class DistillConfig:
     kd: KDConfig = dataclasses.field(default_factory=KDConfig)
     student_base: ExperimentConfig = dataclasses.field(default_factory=lambda: PipelineConfig().base)
     student: KDRunConfig = dataclasses.field(default_factory=_student_sft)
+    # R1-Zero's GRPO (the pipeline's r1_zero run); in the study, RL only stops at its wall-clock budget
     rl: GRPOConfig = dataclasses.field(default_factory=lambda: dataclasses.replace(
-        PipelineConfig().r1_zero(), steps=400))  # R1-Zero GRPO; RL only stops at its wall-clock budget
+        PipelineConfig().r1_zero(), steps=400, loop=LoopConfig(eval_every=100, checkpoint_every=50, eval_problems=128,
+                                                               eval_max_new_tokens=160)))
     study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
 
@@ -182,6 +185,28 @@ class DistillConfig:
                 raise config_error(self, "kd.sampling.max_new_tokens", f"{self.kd.sampling.max_new_tokens} leaves "
                                    f"{prompt_room} of student.seq_len={self.student.seq_len} for the prompt",
                                    "lower it, or raise student.seq_len")
+
+    def scaled(self, scale: float) -> DistillConfig:
+        """Every run's steps (with their cadences and warmups), the traces' prompts and the report's
+        problems times `scale` (at least 1), and the pipeline's when it trains the teacher here:
+        `--scale=0.05` checks the whole chain end to end."""
+        if not (math.isfinite(scale) and scale > 0):
+            raise config_error(self, "scale", f"must be a number > 0, got {scale}", "use e.g. 0.05, or 1")
+
+        def times(n: int, least: int = 1) -> int:
+            return max(least, math.ceil(n * scale))
+
+        changes: dict[str, Any] = {"teacher.rejection.prompts": times(self.teacher.rejection.prompts),
+                                   "report.problems": times(self.report.problems, least=16),
+                                   "study.rl_after_kd_steps": times(self.study.rl_after_kd_steps)}
+        for name in STUDENT_RUNS:
+            run = getattr(self, name)
+            changes.update({f"{name}.steps": times(run.steps), f"{name}.loop.eval_every": times(run.loop.eval_every),
+                            f"{name}.loop.checkpoint_every": times(run.loop.checkpoint_every),
+                            f"{name}.loop.eval_problems": times(run.loop.eval_problems, least=16),
+                            f"{name}.optimizer.warmup_steps": times(run.optimizer.warmup_steps, least=0)})
+        scaled = config_tree.override(self, changes)
+        return dataclasses.replace(scaled, pipeline=self.pipeline.scaled(scale)) if not self.teacher.source else scaled
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -30,13 +30,13 @@ from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
 from moe_jax.distill.losses import teacher_topk
 from moe_jax.errors import InputError
 from moe_jax.models import Transformer
-from moe_jax.parallel import BATCH_AXES, init_sharded
+from moe_jax.parallel import BATCH_AXES
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.rl.sampling import all_rows
 from moe_jax.train import config_tree
 from moe_jax.train import workdir as workdir_format
-from moe_jax.train.context import load_init_from, resolve_compute_dtype
+from moe_jax.train.context import load_model
 from moe_jax.train.step import jit_over_mesh
 
 TEACHER_FIELDS = ("teacher_ids", "teacher_logp")  # per-token `[T, k]` fields of a logit-KD batch
@@ -80,9 +80,7 @@ def load_teacher(source: str, mesh: Mesh, rules: Rules | None = None, compute_dt
     checkpoint (or Hugging Face weights)."""
     if not os.path.exists(source.removeprefix("hf:")):
         raise InputError(f"teacher.source={source}: no such run or folder. Fix: give a run's workdir or hf:<folder>")
-    cfg = dataclasses.replace(teacher_model_config(source), compute_dtype=resolve_compute_dtype(compute_dtype))
-    model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
-    load_init_from(model, source)
+    model = load_model(teacher_model_config(source), source, mesh, rules, compute_dtype)
     return Teacher(model, teacher_tokenizer(source), source)
 
 

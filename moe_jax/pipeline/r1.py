@@ -25,16 +25,17 @@ from flax import nnx
 from moe_jax.data.pipelines import problem_at, rl_prompt_order
 from moe_jax.data.records import write_jsonl
 from moe_jax.data.tasks import Problem, Task, make_task
-from moe_jax.data.tokenizer import load_tokenizer
+from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
 from moe_jax.parallel import make_mesh, parse_rules
+from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline import datasets, report
-from moe_jax.pipeline.config import STAGES, PipelineConfig
+from moe_jax.pipeline.config import STAGES, PipelineConfig, RejectionConfig
 from moe_jax.pipeline.rejection import rejection_sample, removal_summary
 from moe_jax.pipeline.stages import Stage, is_lead, run_stages, stage_key, stage_seconds, sync
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.rl.trainer import train_grpo
 from moe_jax.train import workdir as workdir_format
-from moe_jax.train.context import init_model_and_optimizer, load_init_from
+from moe_jax.train.context import load_model
 from moe_jax.train.evaluation import heldout_seed
 from moe_jax.train.experiment_config import RunConfig, parse_options
 from moe_jax.train.trainer import train
@@ -44,7 +45,6 @@ from moe_jax.train.workdir import write_json_atomically
 # stages, and no eval set, share a stream.
 COLD_START_OFFSET, REJECTION_OFFSET, NON_REASONING_OFFSET = 2_000_003, 3_000_017, 4_000_037
 PIPELINE_CONFIG_FILE = "pipeline.json"
-REPORT_FILE = "report.json"
 MODEL_STAGES = ("base", "cold_start", "reasoning_rl", "sft", "final_rl", "r1_zero")
 
 
@@ -71,9 +71,7 @@ def seen_problems(cfg: PipelineConfig) -> set[str]:
 
 
 def _load_model(run: RunConfig, source: str, mesh: jax.sharding.Mesh) -> nnx.Module:
-    model, _ = init_model_and_optimizer(run, mesh)
-    load_init_from(model, source)
-    return model
+    return load_model(run.model, source, mesh, parse_rules(run.sharding_rules), run.compute_dtype)
 
 
 @dataclasses.dataclass
@@ -141,29 +139,13 @@ class R1Pipeline:
                 "model": dataclasses.asdict(cfg.model), "seen": seen_problems_key(cfg)}
 
     def _rejection_sampling(self, stage_dir: str, inputs: dict[str, str]) -> None:
-        cfg, rs = self.cfg, self.cfg.rejection_sampling
+        cfg = self.cfg
         mesh = make_mesh(self.mesh_spec or "auto")
-        rules = parse_rules(cfg.reasoning_rl.sharding_rules)
         tokenizer = load_tokenizer(workdir_format.tokenizer_path(inputs["reasoning_rl"], cfg.reasoning_rl))
-        task, seen = _task(cfg.reasoning_rl), seen_problems(cfg)
-        problems = datasets.fresh_problems(task, cfg.seed + REJECTION_OFFSET, rs.prompts, seen)
         policy = _load_model(cfg.reasoning_rl, inputs["reasoning_rl"], mesh)
-        result = rejection_sample(policy, task, problems, tokenizer=tokenizer, template=cfg.template, cfg=rs,
-                                  key=jax.random.key(cfg.seed + REJECTION_OFFSET), mesh=mesh, rules=rules)
-        non_reasoning = make_task(cfg.non_reasoning, **parse_options(cfg.non_reasoning_options))
-        if not result.records:
-            logging.warning("rejection sampling kept no sample (%s): the SFT data is the non-reasoning examples "
-                            "alone. Train reasoning_rl longer, or sample more", removal_summary(result.stats))
-        extra = datasets.mixed_count(rs.prompts, cfg.non_reasoning_share)
-        mixed = datasets.non_reasoning_records(non_reasoning, cfg.seed + NON_REASONING_OFFSET, extra, cfg.template,
-                                               seen | _identities(problems))
-        stats = {**result.stats, non_reasoning.name: {"generated": len(mixed)},
-                 "total": {**removal_summary(result.stats), "records": len(result.records) + len(mixed),
-                           "tokens_sampled": result.tokens, "seconds": result.seconds}}
-        if is_lead():
-            datasets.write_dataset(stage_dir, result.records + mixed, stats, rs.array_record_above, result.rejected)
-            workdir_format.mark_done(stage_dir, 0, stats["total"])
-        sync("rejection sampling written")
+        write_rejection_dataset(stage_dir, policy, tokenizer, cfg, cfg.rejection_sampling,
+                                seed=cfg.seed + REJECTION_OFFSET, excluded=seen_problems(cfg), mesh=mesh,
+                                rules=parse_rules(cfg.reasoning_rl.sharding_rules))
 
     def _sft(self, stage_dir: str, inputs: dict[str, str]) -> None:
         data = datasets.dataset_path(inputs["rejection_sampling"])
@@ -192,24 +174,49 @@ class R1Pipeline:
                 rows[stage] = {"tokens": done.get("tokens_sampled"), "wall_s": stage_seconds(stage_dir),
                                "kept": done.get("kept"), "sampled": done.get("sampled")}
                 continue
-            cached = workdir_format.read_json(os.path.join(stage_dir, REPORT_FILE))
-            if cached is None or cached.get("key") != [keys[stage], settings_key]:
+
+            def measure_stage(stage: str = stage, stage_dir: str = stage_dir) -> dict[str, float]:
                 source = self.base_source if stage == "base" else stage_dir
                 tokenizer = load_tokenizer(workdir_format.tokenizer_path(stage_dir, runs[stage]))
-                model = _load_model(runs[stage], source, mesh)
-                measured = report.measure(model, task, problems, cfg.report, tokenizer=tokenizer,
-                                          template=cfg.template, key=jax.random.key(heldout_seed(cfg.seed)),
-                                          mesh=mesh, rules=parse_rules(runs[stage].sharding_rules))
-                cached = {"key": [keys[stage], settings_key], "measures": measured}
-                if is_lead():
-                    write_json_atomically(os.path.join(stage_dir, REPORT_FILE), json.dumps(cached, indent=2))
+                return report.measure(_load_model(runs[stage], source, mesh), task, problems, cfg.report,
+                                      tokenizer=tokenizer, template=cfg.template,
+                                      key=jax.random.key(heldout_seed(cfg.seed)), mesh=mesh,
+                                      rules=parse_rules(runs[stage].sharding_rules))
+
+            measures = report.cached_measures(stage_dir, [keys[stage], settings_key], measure_stage)
             tokens = 0 if stage == "base" and self.init_from else report.stage_tokens(stage_dir, runs[stage])
-            rows[stage] = {**cached["measures"], "tokens": tokens, "wall_s": stage_seconds(stage_dir)}
+            rows[stage] = {**measures, "tokens": tokens, "wall_s": stage_seconds(stage_dir)}
         if is_lead():
             k, reasoning = cfg.report.pass_k, cfg.task
             columns = [c.format(task=reasoning, k=k, non_reasoning=cfg.non_reasoning) for c in report.COLUMNS]
             report.write_results(self.workdir, rows, columns, f"R1 pipeline ({cfg.task}, seed {cfg.seed})")
         return rows
+
+
+def write_rejection_dataset(stage_dir: str, policy: nnx.Module, tokenizer: Tokenizer, cfg: PipelineConfig,
+                            rs: RejectionConfig, *, seed: int, excluded: set[str], mesh: jax.sharding.Mesh,
+                            rules: Rules | None = None) -> None:
+    """R1 §2.3.3 into `stage_dir`: `rs.prompts` fresh reasoning problems (stream `seed`, none of
+    `excluded`), `policy`'s samples kept by the filters, the non-reasoning share mixed in; the
+    dataset, `rejected.jsonl`, `stats.json` and `DONE` (written by the lead process)."""
+    task = _task(cfg.reasoning_rl)
+    problems = datasets.fresh_problems(task, seed, rs.prompts, excluded)
+    result = rejection_sample(policy, task, problems, tokenizer=tokenizer, template=cfg.template, cfg=rs,
+                              key=jax.random.key(seed), mesh=mesh, rules=rules)
+    non_reasoning = make_task(cfg.non_reasoning, **parse_options(cfg.non_reasoning_options))
+    if not result.records:
+        logging.warning("rejection sampling kept no sample (%s): the SFT data is the non-reasoning examples "
+                        "alone. Train the policy longer, or sample more", removal_summary(result.stats))
+    extra = datasets.mixed_count(rs.prompts, cfg.non_reasoning_share)
+    mixed = datasets.non_reasoning_records(non_reasoning, cfg.seed + NON_REASONING_OFFSET, extra, cfg.template,
+                                           excluded | _identities(problems))
+    stats = {**result.stats, non_reasoning.name: {"generated": len(mixed)},
+             "total": {**removal_summary(result.stats), "records": len(result.records) + len(mixed),
+                       "tokens_sampled": result.tokens, "seconds": result.seconds}}
+    if is_lead():
+        datasets.write_dataset(stage_dir, result.records + mixed, stats, rs.array_record_above, result.rejected)
+        workdir_format.mark_done(stage_dir, 0, stats["total"])
+    sync("rejection sampling written")
 
 
 def seen_problems_key(cfg: PipelineConfig) -> str:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,9 +34,10 @@ from moe_jax.rl.sampling import sample_problems
 from moe_jax.train.evaluation import heldout_seed
 from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.metrics import read_metrics
-from moe_jax.train.workdir import write_json_atomically
+from moe_jax.train.workdir import read_json, write_json_atomically
 
 RESULTS_MD, RESULTS_CSV, RESULTS_PNG = "results.md", "results.csv", "results.png"
+REPORT_FILE = "report.json"  # a stage's measures, cached under its key
 
 
 def heldout_problems(task: Task, seed: int, count: int) -> list[Problem]:
@@ -74,6 +76,18 @@ def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: R
     return row
 
 
+def cached_measures(stage_dir: str, key: Sequence[str], measure_fn: Callable[[], dict[str, float]]
+                    ) -> dict[str, float]:
+    """`measure_fn()` of the model in `stage_dir`, computed once per `key` (the stage's key and the
+    report settings') and kept in its `report.json` (written by the lead process)."""
+    cached = read_json(os.path.join(stage_dir, REPORT_FILE))
+    if cached is None or cached.get("key") != list(key):
+        cached = {"key": list(key), "measures": measure_fn()}
+        if jax.process_index() == 0:
+            write_json_atomically(os.path.join(stage_dir, REPORT_FILE), json.dumps(cached, indent=2))
+    return cached["measures"]
+
+
 def stage_tokens(stage_dir: str, cfg: RunConfig) -> int:
     """Tokens a stage's run processed: rows × seq_len per step for a language-model run; the
     completion tokens it sampled for an RL run (from its metrics)."""
@@ -91,8 +105,11 @@ COLUMNS = ("stage", "accuracy/{task}", "pass@{k}", "format", "language", "langua
 
 def write_results(workdir: str, rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str],
                   title: str) -> None:
-    """`results.md` (a table, then the notes), `results.csv` and `results.png` in `workdir`."""
+    """`results.md` (a table, then the notes), `results.csv` and `results.png` in `workdir`. A
+    cell may hold a (mean, std) pair over seeds, written `mean ± std` (and drawn at its mean)."""
     def cell(value: Any) -> str:
+        if isinstance(value, tuple):
+            return "" if math.isnan(value[0]) else f"{cell(value[0])} ± {cell(value[1])}"
         if isinstance(value, float):  # rates to 3 places, lengths and seconds to 1
             return "" if math.isnan(value) else f"{value:.3f}" if abs(value) <= 1 else f"{value:.1f}"
         return "" if value is None else str(value)
@@ -122,7 +139,7 @@ def plot_results(path: str, rows: Mapping[str, Mapping[str, Any]], columns: Sequ
     stages = list(rows)
     for i, column in enumerate(columns):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        values = [rows[s].get(column) for s in stages]
+        values = [value[0] if isinstance(value := rows[s].get(column), tuple) else value for s in stages]
         ax.bar(range(len(stages)), [v if isinstance(v, (int, float)) and not math.isnan(v) else 0 for v in values])
         ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right", fontsize=8)
         ax.set_title(column)

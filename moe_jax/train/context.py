@@ -11,6 +11,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
+from moe_jax.configs import ModelConfig
 from moe_jax.data.tasks import Task, make_task
 from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
 from moe_jax.errors import InputError
@@ -70,6 +71,16 @@ def make_context(cfg: RunConfig, mesh_spec: str | None = None, tokenizer: str | 
     task = make_task(cfg.task, **parse_options(cfg.task_options))
     model, optimizer = init_model_and_optimizer(cfg, mesh)
     return RunContext(cfg, mesh, parse_rules(cfg.sharding_rules), loaded, task, model, optimizer)
+
+
+def load_model(model_cfg: ModelConfig, source: str, mesh: Mesh, rules: Rules | None = None,
+               compute_dtype: str = "auto") -> Transformer:
+    """A model of architecture `model_cfg` born in its shardings on `mesh` and loaded from `source`
+    (a run, a checkpoint or `hf:<folder>`): for measuring, sampling or teaching — no optimizer."""
+    cfg = dataclasses.replace(model_cfg, compute_dtype=resolve_compute_dtype(compute_dtype))
+    model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    load_init_from(model, source)
+    return model
 
 
 def load_init_from(model: Transformer, init_from: str) -> None:

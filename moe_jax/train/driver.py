@@ -42,6 +42,7 @@ from moe_jax.train.preemption import PreemptionWatcher
 from moe_jax.train.run_log import RunLog
 
 THROUGHPUT_WINDOW = 10  # steps over which tokens/s is measured
+ELAPSED_KEY = "elapsed_s"  # a checkpoint's record of the wall time the run had spent (for `loop.max_seconds`)
 # `hook(step, state)` runs after step N is dispatched (e.g. a custom probe, or a test's kill).
 Hook = Callable[[int, nnx.State], None]
 
@@ -134,6 +135,7 @@ def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None 
 def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None, init_from: str | None,
                 init_from_on_resume: bool, hooks: Sequence[Hook], allow_config_change: Sequence[str]
                 ) -> dict[str, Any]:
+    attempt_start = time.perf_counter()
     changes = workdir_format.check_config(cfg, workdir, allow_config_change)
     done = workdir_format.read_done(workdir)
     if done is not None and (not changes or cfg.steps <= done["step"]):  # nothing left to train
@@ -159,10 +161,15 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
     except BaseException:
         checkpointer.close()
         raise
+    elapsed_before = 0.0  # wall seconds the attempts before this one spent, up to their last save
     if restored is not None:
         start, state, data_state = restored
         parts.data.set_state(data_state[parts.data_key])
+        elapsed_before = float(data_state.get(ELAPSED_KEY, 0.0))
         logging.info("resumed %s from step %d", workdir, start)
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - attempt_start
 
     schedule = run_schedule(cfg)
     run_log = RunLog(workdir, steps=cfg.steps, start=start, is_lead=is_lead,
@@ -224,7 +231,8 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
                 for hook in hooks:
                     hook(step, state)
                 stop = preemption.stop_requested(step, checkpointer.manager)
-                final = step == cfg.steps
+                out_of_time = 0 < loop.max_seconds <= elapsed()
+                final = step == cfg.steps or out_of_time
                 save = final or stop or step % loop.checkpoint_every == 0
                 evaluate_now = final or step % loop.eval_every == 0
                 if not (save or evaluate_now):
@@ -239,9 +247,14 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
                         checkpointer.check_for_errors()
                     last_complete = last_good
                     with saving(last_complete):
-                        checkpointer.save(step, state, {parts.data_key: data_state}, force=True)
+                        checkpointer.save(step, state, {parts.data_key: data_state, ELAPSED_KEY: elapsed()},
+                                          force=True)
                     last_good = step
                 fetched_at.clear()  # the next interval would include this sync's work
+                if out_of_time:
+                    logging.info("%s: its time budget (loop.max_seconds=%g) is spent at step %d", workdir,
+                                 loop.max_seconds, step)
+                    break
                 if stop:
                     status = "preempted"
                     logging.warning("preemption notice: saved step %d; rerun to resume", step)

@@ -82,10 +82,14 @@ class LoopConfig:
     keep_checkpoints: int = 3
     eval_problems: int = 64  # held-out problems for greedy task accuracy
     eval_max_new_tokens: int = 64
+    # A wall-clock budget: the run ends (saved, DONE) after the step during which its wall time,
+    # every attempt's setup, steps and evaluations together, reaches it. 0: no budget.
+    max_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive(self, "eval_every", "checkpoint_every", "keep_checkpoints", "eval_problems",
                        "eval_max_new_tokens")
+        check_number(self, "max_seconds", low=0, fix="use a number of seconds, or 0 for no budget")
 
 
 @dataclasses.dataclass(frozen=True)
