@@ -20,7 +20,7 @@ from moe_jax.train.config_tree import override
 from moe_jax.train.experiment_config import CorpusConfig, ExperimentConfig, LoopConfig, OptimizerConfig
 from moe_jax.train.metrics import read_metrics
 from moe_jax.train.trainer import train
-from moe_jax.train.workdir import CHECKPOINT_DIR, ConfigConflictError, check_config
+from moe_jax.train.workdir import CHECKPOINT_DIR, ConfigConflictError, check_config, read_done
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough to compile in seconds; 8 rows so the 8 simulated devices each hold one.
@@ -128,6 +128,20 @@ def test_sigterm_saves_and_exits_then_rerun_finishes(tmp_path):
     done = json.loads(pathlib.Path(workdir, "DONE").read_text())
     assert done["step"] == CFG.steps and done["metrics"]["loss"] == _losses(workdir)[CFG.steps]
     assert train(CFG, workdir)["metrics"] == done["metrics"]  # finished: recognised, nothing built
+
+
+def test_a_wall_clock_budget_ends_the_run_saved_and_done(tmp_path):
+    """`loop.max_seconds`: the run ends after the step during which its wall time (setup included)
+    passes the budget — checkpointed, `DONE` at that step, and a rerun has nothing to do."""
+    workdir = str(tmp_path / "budget")
+    cfg = override(CFG, {"steps": 1000, "loop.max_seconds": 1e-3})
+    summary = train(cfg, workdir)
+    assert summary["status"] == "finished" and summary["step"] == 1
+    assert read_done(workdir)["step"] == 1
+    assert Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=1).manager.all_steps() == [1]
+    assert train(cfg, workdir)["step"] == 1
+    with pytest.raises(ValueError, match="LoopConfig.max_seconds"):
+        override(CFG, {"loop.max_seconds": -1.0})
 
 
 def test_nan_loss_stops_and_never_checkpoints_nan(tmp_path):
