@@ -171,6 +171,10 @@ def test_different_vocabularies_are_refused_for_logit_kd_and_accepted_for_sequen
     with pytest.raises(InputError, match="vocabulary"):
         train_kd(_student_run(world["traces"], kd=dataclasses.replace(KD, mode="logit")), workdir, teacher=teacher)
     assert not os.path.exists(os.path.join(workdir, "config.json"))
+    # Sequence-level KD reads text: a student with its own tokenizer trains on the same traces.
+    own = _student_run(world["traces"], tokenizer=str(tmp_path / "tokenizer.json"), steps=1,
+                       kd=dataclasses.replace(KD, mode="sequence"))
+    assert train_kd(own, str(tmp_path / "sequence"))["status"] == "finished"
 
 
 def test_on_policy_batches_are_the_students_own_samples(world):
