@@ -5,9 +5,13 @@ batched prompts), and tokens attend only to earlier tokens of the same non-zero 
 packed sequences never see each other. Causality is by slot index, positions only feed RoPE.
 
 The cache is a plain pytree, passed to the model and returned updated in `aux["cache"]`:
-`{"index": int32[], "segment_ids": int32[B, S], "layers": (per-layer dict, ...)}`. All rows write
-the same slots (`index` .. `index + T`); a left-padded prompt keeps its padding slots at segment
-id 0, so they stay masked for the rest of decoding. The caller keeps `index + T <= S`.
+`{"index": int32[] or int32[B], "segment_ids": int32[B, S], "layers": (per-layer dict, ...)}`.
+With a scalar index all rows write the same slots (`index` .. `index + T`; the caller keeps
+`index + T <= S`); a left-padded prompt keeps its padding slots at segment id 0, so they stay
+masked for the rest of decoding. With one index per row (`[B]`, a refilling sampler's rows that
+each hold their own sample), row b writes slots `index[b] .. index[b] + T` modulo S: a ring, whose
+older slots belong to the row's earlier samples (other segment ids, so masked); the caller passes
+positions explicitly and keeps each live sample within S slots.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ def attention_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array,
     """Boolean `[B, 1, T, S]`: query slot `q_offset + t` may see key slot `s`.
 
     True iff `s <= q_offset + t` (causal), the key is not padding, and both share a segment.
+    `q_offset` may be one per row (`[B]`, a ring cache's write counts: once a row's count passes S
+    every slot is "earlier", and the segment test alone keeps its own sample's keys).
     """
-    t_idx = jnp.arange(q_segment_ids_BxT.shape[1])[:, None] + q_offset
-    s_idx = jnp.arange(kv_segment_ids_BxS.shape[1])[None, :]
-    causal_TxS = s_idx <= t_idx
+    t_idx_BxTx1 = jnp.arange(q_segment_ids_BxT.shape[1])[None, :, None] + jnp.reshape(q_offset, (-1, 1, 1))
+    s_idx = jnp.arange(kv_segment_ids_BxS.shape[1])[None, None, :]
+    causal_BxTxS = s_idx <= t_idx_BxTx1
     same_segment_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
     valid_key_Bx1xS = (kv_segment_ids_BxS != 0)[:, None, :]
-    return (causal_TxS[None] & same_segment_BxTxS & valid_key_Bx1xS)[:, None]
+    return (causal_BxTxS & same_segment_BxTxS & valid_key_Bx1xS)[:, None]
 
 
 def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -86,9 +92,14 @@ def repeat_rows(cache: Cache, group_size: int) -> Cache:
 
 
 def write_slots(buffer_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.Array:
-    """Write `new` into slots `index .. index + T` of a cache buffer (axis 1)."""
-    start = (0, index) + (0,) * (buffer_BxSx.ndim - 2)
-    return jax.lax.dynamic_update_slice(buffer_BxSx, new_BxTx.astype(buffer_BxSx.dtype), start)
+    """Write `new` into slots `index .. index + T` of a cache buffer (axis 1); with one index per
+    row (`[B]`), row b's into slots `index[b] .. index[b] + T` modulo S (a ring)."""
+    new_BxTx = new_BxTx.astype(buffer_BxSx.dtype)
+    if jnp.ndim(index) == 0:
+        start = (0, index) + (0,) * (buffer_BxSx.ndim - 2)
+        return jax.lax.dynamic_update_slice(buffer_BxSx, new_BxTx, start)
+    slots_BxT = (index[:, None] + jnp.arange(new_BxTx.shape[1])) % buffer_BxSx.shape[1]
+    return buffer_BxSx.at[jnp.arange(buffer_BxSx.shape[0])[:, None], slots_BxT].set(new_BxTx)
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype | None = None) -> int:

@@ -63,7 +63,7 @@ class RejectionConfig:
     bounds and are no duplicate; then the non-reasoning share is mixed in."""
 
     prompts: int = 512
-    prompts_per_batch: int = 64  # prompts sampled together (× samples_per_prompt rows)
+    prompts_per_batch: int = 64  # × samples_per_prompt rows decode at once (refilled as they finish)
     sampling: SamplingConfig = dataclasses.field(
         default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=160, samples_per_prompt=4))
     min_tokens: int = 8  # length bounds of a kept completion, in tokens (eos not counted)

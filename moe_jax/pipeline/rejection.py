@@ -12,9 +12,13 @@ the first one it fails, per task, in `stats.json`:
     duplicate   not the same text as a kept completion of the same prompt
 
 The pipeline then mixes in its non-reasoning share (`moe_jax.pipeline.datasets`: the generator's
-answers to non-reasoning prompts, the analogue of R1 reusing DeepSeek-V3's SFT data). Prompts are split over processes by rows of each
-global batch, and every sample depends only on its global row and the batch's key, so the dataset
-is the same for any process count. Model text is parsed, never executed.
+answers to non-reasoning prompts, the analogue of R1 reusing DeepSeek-V3's SFT data).
+
+All samples are drawn in one program by the refilling sampler (`moe_jax.models.refill_sampler`):
+`prompts_per_batch × k` rows decode at once and a quarter of them refill together as they finish,
+so a row that ends early takes the next prompt instead of idling until the longest row ends.
+Every sample depends only on its index and the stage's key, so the dataset is the same for any
+process count. Model text is parsed, never executed.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ from moe_jax.models import Transformer
 from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline.config import RejectionConfig
 from moe_jax.pipeline.datasets import task_record
-from moe_jax.rl.sampling import sample_problems
+from moe_jax.rl.sampling import stream_problems
 
 FILTERS = ("template", "verifier", "language", "length", "duplicate")
+# A quarter of the rows refill together: often enough that few rows idle, rarely enough that the
+# refill prefills (R rows × the prompt) cost little next to the decoding.
+REFILL_DIVISOR = 4
 
 
 def rejection_reason(task: Task, problem: Problem, text: str, length: int, truncated: bool, kept: Iterable[str],
@@ -69,46 +76,37 @@ class RejectionResult:
 def rejection_sample(policy: Transformer, task: Task, problems: Sequence[Problem], *, tokenizer: Tokenizer,
                      template: str, cfg: RejectionConfig, key: jax.Array, mesh: jax.sharding.Mesh,
                      rules: Rules | None = None, source: str = "rejection_sampling") -> RejectionResult:
-    """Sample `cfg.sampling.samples_per_prompt` completions of every problem (batches of
-    `cfg.prompts_per_batch` prompts, this process's rows of each) and filter them; every process
-    returns the same records and stats."""
-    if cfg.prompts_per_batch % jax.process_count():
-        raise ValueError(f"rejection_sampling.prompts_per_batch={cfg.prompts_per_batch} does not split over "
-                         f"{jax.process_count()} processes. Fix: make it a multiple of the process count")
+    """Sample `cfg.sampling.samples_per_prompt` completions of every problem (`prompts_per_batch`
+    × k rows decoding at a time) and filter them; every process returns the same records and stats."""
     k = cfg.sampling.samples_per_prompt
     records: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     stats: dict[str, Any] = {}
-    sampling_s = filtering_s = 0.0
-    tokens = 0
-    for batch_index, start in enumerate(range(0, len(problems), cfg.prompts_per_batch)):
-        batch = problems[start:start + cfg.prompts_per_batch]
-        t0 = time.perf_counter()
-        sampled = sample_problems(policy, task, batch, tokenizer=tokenizer, template=template, sampling=cfg.sampling,
-                                  key=jax.random.fold_in(key, batch_index), mesh=mesh, rules=rules,
-                                  rows=cfg.prompts_per_batch)  # a full last batch: one compiled shape
-        t1 = time.perf_counter()
-        tokens += int(sampled.lengths.sum())
-        texts = sampled.texts(tokenizer)
-        for p, problem in enumerate(batch):
-            counts = stats.setdefault(problem.task, {"prompts": 0, "sampled": 0,
-                                                     "removed": dict.fromkeys(FILTERS, 0), "kept": 0})
-            counts["prompts"] += 1
-            prompt, kept = task.prompt(problem, template), []
-            for row in range(p * k, (p + 1) * k):
-                text = texts[row]
-                reason = rejection_reason(task, problem, text, int(sampled.lengths[row]), bool(sampled.truncated[row]),
-                                          kept, cfg)
-                counts["sampled"] += 1
-                if reason is None:
-                    kept.append(text)
-                    records.append(task_record(problem, prompt, text, source))
-                    counts["kept"] += 1
-                else:
-                    counts["removed"][reason] += 1
-                    rejected.append({"prompt": prompt, "completion": text, "task": problem.task, "reason": reason})
-        sampling_s += t1 - t0
-        filtering_s += time.perf_counter() - t1
+    t0 = time.perf_counter()
+    rows = cfg.prompts_per_batch * k
+    sampled = stream_problems(policy, task, problems, tokenizer=tokenizer, template=template, sampling=cfg.sampling,
+                              key=key, mesh=mesh, rules=rules, rows=rows, refill_rows=max(1, rows // REFILL_DIVISOR))
+    t1 = time.perf_counter()
+    tokens = int(sampled.lengths.sum())
+    texts = sampled.texts(tokenizer)
+    for p, problem in enumerate(problems):
+        counts = stats.setdefault(problem.task, {"prompts": 0, "sampled": 0,
+                                                 "removed": dict.fromkeys(FILTERS, 0), "kept": 0})
+        counts["prompts"] += 1
+        prompt, kept = task.prompt(problem, template), []
+        for row in range(p * k, (p + 1) * k):
+            text = texts[row]
+            reason = rejection_reason(task, problem, text, int(sampled.lengths[row]), bool(sampled.truncated[row]),
+                                      kept, cfg)
+            counts["sampled"] += 1
+            if reason is None:
+                kept.append(text)
+                records.append(task_record(problem, prompt, text, source))
+                counts["kept"] += 1
+            else:
+                counts["removed"][reason] += 1
+                rejected.append({"prompt": prompt, "completion": text, "task": problem.task, "reason": reason})
+    sampling_s, filtering_s = t1 - t0, time.perf_counter() - t1
     return RejectionResult(records, rejected, stats, tokens, {"sampling": sampling_s, "filtering": filtering_s})
 
 

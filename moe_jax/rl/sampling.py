@@ -17,12 +17,13 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax.data.pipelines import prompt_ids
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models import Transformer
+from moe_jax.models.refill_sampler import jit_generate_stream
 from moe_jax.models.sampler import SamplingConfig, jit_generate
 from moe_jax.parallel import BATCH_AXES, use_mesh
 from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
@@ -82,6 +83,29 @@ def sample_problems(policy: Transformer, task: Task, problems: Sequence[Problem]
     rollout = all_rows({name: scored.rollout[name] for name in ("tokens", "lengths", "truncated")})
     kept = len(problems) * sampling.samples_per_prompt
     return SampledProblems(*(rollout[name][:kept] for name in ("tokens", "lengths", "truncated")))
+
+
+def stream_problems(policy: Transformer, task: Task, problems: Sequence[Problem], *, tokenizer: Tokenizer,
+                    template: str, sampling: SamplingConfig, key: jax.Array, mesh: Mesh, rows: int,
+                    refill_rows: int, rules: Rules | None = None) -> SampledProblems:
+    """`sample_problems` through the refilling sampler (`moe_jax.models.refill_sampler`): every
+    problem's completions in one program, `rows` decoding at a time, `refill_rows` refilled
+    together as they finish. Sample j of problem p is drawn from `fold_in(fold_in(key, p·k + j),
+    step)`, so the result is the same for any `rows`, `refill_rows` and process count."""
+    k = sampling.samples_per_prompt
+    tokens_PxL, segments_PxL = left_padded_prompts([prompt_ids(task, tokenizer, p, template) for p in problems],
+                                                   tokenizer.pad_id)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    prompts = [jax.make_array_from_process_local_data(replicated, np.repeat(a, k, axis=0))
+               for a in (tokens_PxL, segments_PxL)]
+    with use_mesh(mesh, rules):
+        out = jit_generate_stream(policy, *prompts, rows=rows, refill_rows=refill_rows,
+                                  max_new_tokens=sampling.max_new_tokens, eos_id=tokenizer.eos_id,
+                                  pad_id=tokenizer.pad_id, rng=key, temperature=sampling.temperature,
+                                  top_p=sampling.top_p, top_k=sampling.top_k)
+    host = {name: np.asarray(multihost_utils.process_allgather(out[name], tiled=True))
+            for name in ("tokens", "lengths", "truncated")}
+    return SampledProblems(host["tokens"], host["lengths"], host["truncated"])
 
 
 def score_texts(task: Task, problems: Sequence[Problem], texts: Sequence[str],
