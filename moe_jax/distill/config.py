@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from moe_jax.configs import ModelConfig, get_preset
 from moe_jax.errors import InputError
 from moe_jax.models.sampler import SamplingConfig
-from moe_jax.pipeline.config import PipelineConfig, RejectionConfig, ReportConfig
+from moe_jax.pipeline.config import PipelineConfig, RejectionConfig, ReportConfig, scaled_run_fields, sft_run
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.train import config_tree
 from moe_jax.train.experiment_config import (
-    CorpusConfig,
     ExperimentConfig,
     LoopConfig,
-    OptimizerConfig,
     check_number,
     check_positive,
     config_error,
@@ -126,24 +123,13 @@ def _preset_or_error(cfg: object, name: str) -> ModelConfig:
         raise config_error(cfg, "sizes", f"unknown preset {name!r} ({e})", "use dense presets, e.g. tiny-dense") from None
 
 
-def _student_sft(**changes: Any) -> KDRunConfig:
-    return KDRunConfig(**{"steps": 300, "batch_size": 32, "seq_len": 256,
-                          "corpus": CorpusConfig(error_rate=0.0, loss_on_prompt=False, eval_batches=0),
-                          "optimizer": OptimizerConfig(learning_rate=1e-3, warmup_steps=10),
-                          "loop": LoopConfig(eval_every=100, checkpoint_every=100, eval_problems=128,
-                                             eval_max_new_tokens=160), **changes})
-
-
 def _student_model() -> ModelConfig:
     return dataclasses.replace(get_preset("tiny-dense-s"), max_seq_len=256)
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(config_tree.TreeConfig):
     """A distillation (defaults: the arithmetic R1 pipeline's teacher into `tiny-dense-s`)."""
-
-    MOVED_FIELDS: ClassVar[Mapping[str, str]] = {}
-    RETIRED_FIELDS: ClassVar[Mapping[str, str]] = {}
     DERIVED_FIELDS: ClassVar[tuple[str, ...]] = tuple(f"{r}.{f}" for r in STUDENT_RUNS for f in SHARED_FIELDS) + tuple(
         f"{r}.{f}" for r in STUDENT_RUNS for f in ("task", "task_options")) + ("student.kd",)
 
@@ -153,7 +139,7 @@ class DistillConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     kd: KDConfig = dataclasses.field(default_factory=KDConfig)
     student_base: ExperimentConfig = dataclasses.field(default_factory=lambda: PipelineConfig().base)
-    student: KDRunConfig = dataclasses.field(default_factory=_student_sft)
+    student: KDRunConfig = dataclasses.field(default_factory=lambda: sft_run(KDRunConfig, steps=300))
     # R1-Zero's GRPO (the pipeline's r1_zero run); in the study, RL only stops at its wall-clock budget
     rl: GRPOConfig = dataclasses.field(default_factory=lambda: dataclasses.replace(
         PipelineConfig().r1_zero(), steps=400, loop=LoopConfig(eval_every=100, checkpoint_every=50, eval_problems=128,
@@ -200,21 +186,6 @@ class DistillConfig:
                                    "report.problems": times(self.report.problems, least=16),
                                    "study.rl_after_kd_steps": times(self.study.rl_after_kd_steps)}
         for name in STUDENT_RUNS:
-            run = getattr(self, name)
-            changes.update({f"{name}.steps": times(run.steps), f"{name}.loop.eval_every": times(run.loop.eval_every),
-                            f"{name}.loop.checkpoint_every": times(run.loop.checkpoint_every),
-                            f"{name}.loop.eval_problems": times(run.loop.eval_problems, least=16),
-                            f"{name}.optimizer.warmup_steps": times(run.optimizer.warmup_steps, least=0)})
+            changes.update(scaled_run_fields(name, getattr(self, name), times))
         scaled = config_tree.override(self, changes)
         return dataclasses.replace(scaled, pipeline=self.pipeline.scaled(scale)) if not self.teacher.source else scaled
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def migrate(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
-        return config_tree.nest(fields)
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> DistillConfig:
-        return config_tree.build(cls, cls.migrate(fields))

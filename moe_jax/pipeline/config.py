@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from moe_jax.configs import ModelConfig, get_preset
@@ -32,6 +32,7 @@ from moe_jax.train.experiment_config import (
     ExperimentConfig,
     LoopConfig,
     OptimizerConfig,
+    RunConfig,
     check_number,
     check_positive,
     config_error,
@@ -94,13 +95,13 @@ class ReportConfig:
         check_number(self, "temperature", low=0, low_open=True, fix="use e.g. 1.0")
 
 
-def _sft(**changes: Any) -> ExperimentConfig:
-    """An SFT run on a stage's dataset (the loss on responses only)."""
-    return ExperimentConfig(**{"steps": 200, "batch_size": 32, "seq_len": 256,
-                               "corpus": CorpusConfig(error_rate=0.0, loss_on_prompt=False, eval_batches=0),
-                               "optimizer": OptimizerConfig(learning_rate=1e-3, warmup_steps=10),
-                               "loop": LoopConfig(eval_every=100, checkpoint_every=100, eval_problems=128,
-                                                  eval_max_new_tokens=160), **changes})
+def sft_run(config_class: type[ExperimentConfig] = ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """An SFT run on a stage's dataset (the loss on responses only), of `config_class`."""
+    return config_class(**{"steps": 200, "batch_size": 32, "seq_len": 256,
+                           "corpus": CorpusConfig(error_rate=0.0, loss_on_prompt=False, eval_batches=0),
+                           "optimizer": OptimizerConfig(learning_rate=1e-3, warmup_steps=10),
+                           "loop": LoopConfig(eval_every=100, checkpoint_every=100, eval_problems=128,
+                                              eval_max_new_tokens=160), **changes})
 
 
 def _rl(**changes: Any) -> GRPOConfig:
@@ -113,12 +114,18 @@ def _rl(**changes: Any) -> GRPOConfig:
                          "rewards": "accuracy=1.0,format=0.1,language=0.1,language_mixed=0", **changes})
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """The whole R1 pipeline (defaults: the arithmetic recipe)."""
+def scaled_run_fields(name: str, run: RunConfig, times: Callable[..., int]) -> dict[str, int]:
+    """The changes that scale run `name`: its steps, the cadences and warmup that count steps, and
+    its eval problems (at least 16), each through `times(n, least)`."""
+    return {f"{name}.steps": times(run.steps), f"{name}.loop.eval_every": times(run.loop.eval_every),
+            f"{name}.loop.checkpoint_every": times(run.loop.checkpoint_every),
+            f"{name}.loop.eval_problems": times(run.loop.eval_problems, least=16),
+            f"{name}.optimizer.warmup_steps": times(run.optimizer.warmup_steps, least=0)}
 
-    MOVED_FIELDS: ClassVar[Mapping[str, str]] = {}
-    RETIRED_FIELDS: ClassVar[Mapping[str, str]] = {}
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(config_tree.TreeConfig):
+    """The whole R1 pipeline (defaults: the arithmetic recipe)."""
     # A stage's copies of the shared fields are not its own to set: `--config.<field>` sets them all.
     DERIVED_FIELDS: ClassVar[tuple[str, ...]] = tuple(f"{s}.{f}" for s in RUN_STAGES for f in SHARED_FIELDS)
 
@@ -138,10 +145,10 @@ class PipelineConfig:
         steps=1000, batch_size=16, seq_len=128, corpus=CorpusConfig(error_rate=0.7),
         loop=LoopConfig(eval_every=1000, checkpoint_every=1000, eval_problems=128, eval_max_new_tokens=160)))
     cold_start_data: ColdStartData = dataclasses.field(default_factory=ColdStartData)
-    cold_start: ExperimentConfig = dataclasses.field(default_factory=lambda: _sft(steps=100))
+    cold_start: ExperimentConfig = dataclasses.field(default_factory=lambda: sft_run(steps=100))
     reasoning_rl: GRPOConfig = dataclasses.field(default_factory=_rl)
     rejection_sampling: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
-    sft: ExperimentConfig = dataclasses.field(default_factory=_sft)
+    sft: ExperimentConfig = dataclasses.field(default_factory=sft_run)
     final_rl: GRPOConfig = dataclasses.field(default_factory=_rl)
     r1_zero_rewards: str = "accuracy=1.0,format=0.1,language=0,language_mixed=0"  # R1-Zero's: no language term
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
@@ -198,20 +205,5 @@ class PipelineConfig:
             "rejection_sampling.prompts": times(self.rejection_sampling.prompts),
             "report.problems": times(self.report.problems, least=16)}
         for stage in RUN_STAGES:
-            run = getattr(self, stage)
-            changes.update({f"{stage}.steps": times(run.steps), f"{stage}.loop.eval_every": times(run.loop.eval_every),
-                            f"{stage}.loop.checkpoint_every": times(run.loop.checkpoint_every),
-                            f"{stage}.loop.eval_problems": times(run.loop.eval_problems, least=16),
-                            f"{stage}.optimizer.warmup_steps": times(run.optimizer.warmup_steps, least=0)})
+            changes.update(scaled_run_fields(stage, getattr(self, stage), times))
         return config_tree.override(self, changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def migrate(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
-        return config_tree.nest(fields)
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> PipelineConfig:
-        return config_tree.build(cls, cls.migrate(fields))

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 
 @functools.cache
@@ -152,3 +152,22 @@ def build(cls: type, tree: Mapping[str, Any], prefix: str = "") -> Any:
             check_type(cls, name, value, prefix)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+class TreeConfig:
+    """What a frozen-dataclass config tree that is not a run (a pipeline's, a distillation's) needs
+    to be saved and read back: `to_dict`, and `from_dict` of its nested-dict shape."""
+
+    MOVED_FIELDS: ClassVar[Mapping[str, str]] = {}
+    RETIRED_FIELDS: ClassVar[Mapping[str, str]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def migrate(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
+        return nest(fields)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> Any:
+        return build(cls, cls.migrate(fields))
