@@ -1,11 +1,13 @@
 """Time the R1 pipeline's rejection-sampling stage against plain decoding at the same batch.
 
-The stage (`moe_jax.pipeline.rejection.rejection_sample`: sample k completions per prompt, gather
-them, decode, verify, filter; then `write_dataset`) on `--prompts` fresh prompts, and — interleaved
-with it, repeat by repeat — `jit_generate` alone on one batch of the same shape, timed as
-`bench_generate.py` times it (decode tokens/s = rows × new tokens / (generate − prefill) seconds).
-The model is the config's, randomly initialised (`--init_from` loads a trained one): an untrained
-model rarely ends a row early, so both sides decode the whole budget. Prints one JSON line.
+The stage (`moe_jax.pipeline.rejection.rejection_sample`: k completions per prompt drawn by the
+refilling sampler — `prompts_per_batch × k` rows that take the next prompt as they finish — then
+decode, verify, filter and `write_dataset`) on `--prompts` fresh prompts, and — interleaved with
+it, repeat by repeat — `jit_generate` alone on one batch of as many rows, timed as
+`bench_generate.py` times it (decode tokens/s = rows × new tokens / (generate − prefill) seconds,
+every row decoding the whole budget: the ceiling). The stage's tokens/s counts the tokens it
+actually sampled. The model is the config's, randomly initialised (`--init_from` loads a trained
+one, whose completions end early and vary in length). Prints one JSON line.
 
     python experiments/bench_rejection.py                         # tiny-moe, CPU
     python experiments/bench_rejection.py --init_from=/tmp/r1/reasoning_rl
@@ -38,7 +40,7 @@ from moe_jax.train.experiment_config import parse_options
 
 config_flags.define_config_flags(config_class=PipelineConfig)
 flags.DEFINE_string("init_from", None, "a trained model to sample from (a workdir); default: random init")
-flags.DEFINE_integer("prompts", 128, "prompts per timed stage run")
+flags.DEFINE_integer("prompts", 512, "prompts per timed stage run (the stage's default)")
 flags.DEFINE_integer("prompts_per_batch", 64, "prompts sampled together")
 flags.DEFINE_integer("samples_per_prompt", 4, "k")
 flags.DEFINE_integer("new_tokens", 160, "sampling budget per completion")
