@@ -21,7 +21,7 @@ from moe_jax.pipeline import datasets, report
 from moe_jax.pipeline.config import RUN_STAGES, PipelineConfig, RejectionConfig
 from moe_jax.pipeline.r1 import COLD_START_OFFSET, REJECTION_OFFSET, seen_problems
 from moe_jax.pipeline.rejection import rejection_reason
-from moe_jax.pipeline.stages import SUPERSEDED_DIR, Stage, read_stage, run_stages
+from moe_jax.pipeline.stages import SUPERSEDED_DIR, Stage, read_stage, run_stages, stage_key
 from moe_jax.train import config_tree
 from moe_jax.train import workdir as workdir_format
 
@@ -112,6 +112,17 @@ def test_stages_skip_resume_and_redo_downstream(tmp_path):
     calls.clear()
     run_stages(workdir, _graph(calls, {"b": {"y": 3}, "d": {"w": 5}}), only=["c"])
     assert calls == []
+
+
+def test_a_field_added_at_its_old_value_keeps_the_stage_keys():
+    """`loop.max_seconds` came after pipeline folders existed: at 0 (no budget) a run's key is the
+    key it had without the field, at any depth of the settings; any other value changes it."""
+    run = PipelineConfig().sft.to_dict()
+    before = {**run, "loop": {k: v for k, v in run["loop"].items() if k != "max_seconds"}}
+    assert stage_key({"run": run}, ["a"]) == stage_key({"run": before}, ["a"])
+    assert stage_key({"pipeline": {"sft": run}}, []) == stage_key({"pipeline": {"sft": before}}, [])
+    budget = {**run, "loop": {**run["loop"], "max_seconds": 60.0}}
+    assert stage_key({"run": budget}, ["a"]) != stage_key({"run": run}, ["a"])
 
 
 def test_only_runs_what_a_stage_reads(tmp_path):

@@ -28,6 +28,10 @@ from moe_jax.train import workdir as workdir_format
 
 STAGE_FILE = "stage.json"
 SUPERSEDED_DIR = "superseded"
+# Config fields added after stage folders existed, with the value that computes what was computed
+# before them: a settings leaf at such a path (at any depth) holding that value is left out of the
+# key, so adding a field does not redo every finished stage of every folder.
+ADDED_FIELDS = {"loop.max_seconds": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +47,22 @@ class Stage:
 
 
 def stage_key(settings: Mapping[str, Any], input_keys: Sequence[str]) -> str:
-    """sha256 of the settings (canonical JSON) and the input stages' keys, in input order."""
-    blob = json.dumps({"settings": settings, "inputs": list(input_keys)}, sort_keys=True, default=str)
+    """sha256 of the settings (canonical JSON, `ADDED_FIELDS` at their old value left out) and the
+    input stages' keys, in input order."""
+    blob = json.dumps({"settings": _without_added_fields(settings), "inputs": list(input_keys)}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _without_added_fields(tree: Any, path: str = "") -> Any:
+    if not isinstance(tree, Mapping):
+        return tree
+    kept = {}
+    for name, value in tree.items():
+        child = f"{path}.{name}" if path else name
+        if not any((child == f or child.endswith("." + f)) and value == v for f, v in ADDED_FIELDS.items()):
+            kept[name] = _without_added_fields(value, child)
+    return kept
 
 
 def read_stage(stage_dir: str) -> dict[str, Any] | None:
