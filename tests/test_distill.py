@@ -19,7 +19,7 @@ from flax import nnx
 
 from moe_jax.configs import get_preset
 from moe_jax.data.pipelines import packed_batches, problem_at, rl_prompt_batches
-from moe_jax.data.records import write_jsonl
+from moe_jax.data.records import read_jsonl, write_jsonl
 from moe_jax.data.tasks import make_task
 from moe_jax.data.tokenizer import load_tokenizer
 from moe_jax.distill import generalized_jsd
@@ -109,6 +109,16 @@ def test_a_full_width_cache_holds_each_records_teacher_log_softmax(world):
         assert (np.diff(logp_LxV, axis=1) <= 0).all()
 
 
+def test_a_cache_that_does_not_fit_the_run_is_refused(world, tmp_path):
+    tokenizer = world["teacher"].tokenizer
+    with pytest.raises(InputError, match="holds k=8, the run asks for k=4"):
+        cached_examples(world["traces"], str(world["root"] / "topk"), tokenizer, seq_len=SEQ_LEN, k=4)
+    fewer = str(tmp_path / "fewer.jsonl")
+    write_jsonl(fewer, read_jsonl(world["traces"])[:5])
+    with pytest.raises(InputError, match="holds 24 records, the traces .* 5"):
+        cached_examples(fewer, str(world["root"] / "topk"), tokenizer, seq_len=SEQ_LEN)
+
+
 def test_the_kd_objective_on_a_full_cache_is_generalized_jsd_of_the_full_logits(world):
     """Packed rows of the full-width cache: the objective's divergence equals `generalized_jsd` of
     the student's and the teacher's full logits on the same rows (the top-k rode through packing in
@@ -175,6 +185,25 @@ def test_different_vocabularies_are_refused_for_logit_kd_and_accepted_for_sequen
     own = _student_run(world["traces"], tokenizer=str(tmp_path / "tokenizer.json"), steps=1,
                        kd=dataclasses.replace(KD, mode="sequence"))
     assert train_kd(own, str(tmp_path / "sequence"))["status"] == "finished"
+
+
+def test_a_hugging_face_folder_teaches_with_its_own_tokenizer(world, tmp_path):
+    """`hf:<folder>`: the architecture from its config.json, the weights from its safetensors and the
+    tokenizer from its tokenizer.json; it computes what the run it was exported from computes."""
+    from moe_jax.interop import save_hf
+
+    model = world["teacher"].model
+    folder = tmp_path / "hf"
+    save_hf(model, model.cfg, str(folder))
+    _word_level_tokenizer(str(folder / "tokenizer.json"))
+    teacher = load_teacher(f"hf:{folder}", world["mesh"])
+    assert teacher.tokenizer.vocab_size == 21 and teacher.model.cfg.n_routed_experts == model.cfg.n_routed_experts
+    tokens = np.asarray([[1, 5, 6, 7, 8, 2]], np.int32)
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": np.arange(6)[None]}
+    np.testing.assert_allclose(np.asarray(_full_logits(teacher.model, batch)), np.asarray(_full_logits(model, batch)),
+                               atol=1e-5)
+    with pytest.raises(InputError, match="vocabulary"):
+        check_vocabulary(teacher.tokenizer, world["teacher"].tokenizer, "logit")
 
 
 def test_on_policy_batches_are_the_students_own_samples(world):

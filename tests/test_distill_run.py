@@ -14,11 +14,12 @@ from absl import flags
 
 from moe_jax import config_flags
 from moe_jax.configs import get_preset
+from moe_jax.data.records import write_jsonl
 from moe_jax.distill.config import DistillConfig, KDConfig
 from moe_jax.distill.distillation import Distillation, run_distillation
 from moe_jax.distill.table6 import study_stages
 from moe_jax.errors import InputError
-from moe_jax.pipeline.stages import read_stage
+from moe_jax.pipeline.stages import read_stage, run_stages
 from moe_jax.train import config_tree
 from moe_jax.train.experiment_config import ExperimentConfig, LoopConfig
 from moe_jax.train.trainer import train
@@ -100,6 +101,24 @@ def test_a_distillation_runs_then_skips_then_redoes_only_the_student(teacher, tm
     assert os.path.exists(os.path.join(workdir, "topk", "topk.array_record"))
     assert any(name.startswith("student-") for name in os.listdir(os.path.join(workdir, "superseded")))
     assert "student (logit KD)" in rows
+
+
+def test_given_traces_are_read_not_written(teacher, tmp_path):
+    """`teacher.traces` names a dataset (a file, or a folder such as a pipeline's rejection_sampling):
+    the stage records it; changing the file changes the key."""
+    folder = tmp_path / "rejection_sampling"
+    folder.mkdir()
+    write_jsonl(str(folder / "data.jsonl"), [{"prompt": "1+1\n", "response": "<answer>2</answer>"}])
+    cfg = config_tree.override(_tiny(teacher), {"teacher.traces": str(folder)})
+    d = Distillation(cfg, str(tmp_path / "kd"))
+    keys = run_stages(d.workdir, d.stages(), only=("traces",))
+    assert d.traces_data == str(folder / "data.jsonl")
+    assert read_done(d.path("traces"))["metrics"]["traces"] == d.traces_data
+    assert not os.path.exists(os.path.join(d.path("traces"), "data.jsonl"))  # nothing sampled
+    write_jsonl(str(folder / "data.jsonl"), [{"prompt": "1+2\n", "response": "<answer>3</answer>"}] * 2)
+    assert run_stages(d.workdir, d.stages(), only=("traces",))["traces"] != keys["traces"]
+    with pytest.raises(InputError, match="teacher.traces: .* does not exist"):
+        Distillation(config_tree.override(cfg, {"teacher.traces": str(tmp_path / "none")}), str(tmp_path)).traces_stage()
 
 
 def test_the_table6_graph(teacher, tmp_path):

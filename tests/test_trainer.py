@@ -120,7 +120,8 @@ def test_sigterm_saves_and_exits_then_rerun_finishes(tmp_path):
     # the fields added since, with one retired since.
     nested = CFG.to_dict()
     old = {**{k: v for k, v in nested.items() if k not in ("optimizer", "loop", "corpus", "data", "sharding_rules")},
-           **nested["optimizer"], **nested["loop"], **nested["corpus"], "log_every": 20}
+           **nested["optimizer"], **{k: v for k, v in nested["loop"].items() if k != "max_seconds"},
+           **nested["corpus"], "log_every": 20}
     pathlib.Path(workdir, "config.json").write_text(json.dumps(old))
     result = train(CFG, workdir)
     assert (result["status"], result["step"]) == ("finished", CFG.steps)

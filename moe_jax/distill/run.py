@@ -34,6 +34,7 @@ from moe_jax.distill.teacher import (
     check_vocabulary,
     local_rows,
     make_topk_fn,
+    topk_width,
 )
 from moe_jax.models import Transformer
 from moe_jax.models.kv_cache import segment_positions
@@ -126,7 +127,9 @@ def kd_run(cfg: KDRunConfig, teacher: Teacher | None, cache: str | None = None) 
         local = process_batch_slice(cfg.batch_size)
         rows = local.stop - local.start
         if cache:
-            examples, fields = cached_examples(cfg.data, cache, tokenizer, seq_len=cfg.seq_len), TEACHER_FIELDS
+            width = topk_width(kd.top_k, teacher.model.cfg.vocab_size)  # what on-policy steps compute too
+            examples = cached_examples(cfg.data, cache, tokenizer, seq_len=cfg.seq_len, k=width)
+            fields = TEACHER_FIELDS
         else:
             examples, fields = record_examples(cfg.data, tokenizer, seq_len=cfg.seq_len), ()
         streams = KDStreams(iter(packed_batches(examples, seq_len=cfg.seq_len, seed=cfg.seed, weighted=True,

@@ -178,14 +178,18 @@ def local_rows(out: Mapping[str, jax.Array], mesh: Mesh) -> dict[str, np.ndarray
     return jax.device_get(multihost_utils.global_array_to_host_local_array(dict(out), mesh, PartitionSpec(BATCH_AXES)))
 
 
-def cached_examples(traces: str, directory: str, tokenizer: Tokenizer, *, seq_len: int) -> grain.MapDataset:
+def cached_examples(traces: str, directory: str, tokenizer: Tokenizer, *, seq_len: int, k: int | None = None
+                    ) -> grain.MapDataset:
     """The traces' tokenized examples, each with its cached `teacher_ids` / `teacher_logp` `[L, k]`
-    (a cache that does not match the traces fails, naming the fix)."""
+    (a cache that does not match the traces, or holds another `k` than asked, fails naming the fix)."""
     info = workdir_format.read_json(os.path.join(directory, CACHE_INFO_FILE))
     examples = record_examples(traces, tokenizer, seq_len=seq_len)
     fix = f"delete {directory} so that it is rebuilt from these traces"
     if info is None:
         raise InputError(f"{directory}: no finished top-k cache ({CACHE_INFO_FILE} missing). Fix: {fix}")
+    if k is not None and info["k"] != k:
+        raise InputError(f"{directory}: the top-k cache holds k={info['k']}, the run asks for k={k}. Fix: {fix}, or "
+                         f"set kd.top_k={info['k']}")
     if info["records"] != len(examples):
         raise InputError(f"{directory}: the top-k cache holds {info['records']} records, the traces {traces} "
                          f"{len(examples)}. Fix: {fix}")
