@@ -85,9 +85,10 @@ def world(tmp_path_factory):
     return {"root": root, "teacher_dir": teacher_dir, "teacher": teacher, "traces": traces, "mesh": mesh}
 
 
+@jax.jit
 def _full_logits(model: Transformer, batch: dict) -> jax.Array:
-    logits, _ = model(jnp.asarray(batch["tokens"]), segment_ids_BxT=jnp.asarray(batch["segment_ids"]),
-                      positions_BxT=jnp.asarray(batch["positions"]), mtp=False)
+    logits, _ = model(batch["tokens"], segment_ids_BxT=batch["segment_ids"], positions_BxT=batch["positions"],
+                      mtp=False)
     return logits
 
 
@@ -133,7 +134,7 @@ def test_the_kd_objective_on_a_full_cache_is_generalized_jsd_of_the_full_logits(
                                valid, beta=0.3, temperature=1.5)
     jnp_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     kd = KDConfig(mode="logit", beta=0.3, temperature=1.5, alpha=0.25)
-    loss, metrics = kd_loss(kd)(student, jnp_batch)
+    loss, metrics = jax.jit(kd_loss(kd))(student, jnp_batch)
     np.testing.assert_allclose(float(metrics["jsd"]), float(expected), rtol=1e-5)
     np.testing.assert_allclose(float(loss), 0.75 * float(metrics["jsd"]) + 0.25 * float(metrics["ce"]), rtol=1e-6)
 

@@ -44,7 +44,7 @@ def setup(request):
     return model, prompts, eos, reference
 
 
-@pytest.mark.parametrize("rows,refill_rows", [(4, 1), (6, 3), (8, 8), (32, 8)])
+@pytest.mark.parametrize("rows,refill_rows", [(4, 1), (6, 3), (32, 8)])
 def test_greedy_streams_equal_the_static_sampler(setup, rows, refill_rows):
     model, prompts, eos, reference = setup
     out = jit_generate_stream(model, *prompts, rows=rows, refill_rows=refill_rows, max_new_tokens=N, eos_id=eos,
@@ -62,7 +62,8 @@ def test_samples_do_not_depend_on_the_rows_and_carry_the_models_log_probs(setup)
     np.testing.assert_array_equal(np.asarray(outs[0]["tokens"]), np.asarray(outs[1]["tokens"]))
     out = outs[0]
     tokens, segments = rollout_rows(*prompts, out["tokens"], out["mask"])
-    scored, _, _ = completion_logprobs(model, tokens, segments, N, **sampling)
+    score = jax.jit(completion_logprobs, static_argnums=3, static_argnames=("temperature", "top_k"))
+    scored, _, _ = score(model, tokens, segments, N, **sampling)
     mask = np.asarray(out["mask"]).astype(bool)
     np.testing.assert_allclose(np.asarray(scored)[mask], np.asarray(out["logprobs"])[mask], atol=2e-5)
     assert np.asarray(out["lengths"]).min() < N  # some rows refilled early
