@@ -99,7 +99,7 @@ def setup_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         # Runs of one architecture compile the same initialiser, evaluation and often the same
         # step: a pipeline's stages, a study's seeds, a rerun (the R1 pipeline at --scale=0.05:
-        # 179 s cold without it, 146 s with it from empty).
+        # 179 s without it, 143 s from an empty cache, 73 s from a warm one).
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
         jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     logging.set_verbosity(logging.INFO)

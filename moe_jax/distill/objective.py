@@ -18,7 +18,7 @@ import jax
 from moe_jax.distill.config import KDConfig
 from moe_jax.distill.losses import topk_generalized_jsd
 from moe_jax.models import Transformer
-from moe_jax.train.losses import count_targets, next_token_loss, target_mask
+from moe_jax.train.losses import next_token_loss, target_mask
 from moe_jax.train.step import STEP_MICROBATCHES, STEP_TARGETS, Batch, LossFn
 
 
@@ -27,10 +27,10 @@ def kd_loss(kd: KDConfig) -> LossFn:
 
     def loss_fn(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         segment_ids, loss_mask = batch["segment_ids"], batch["loss_mask"]
-        normalizer = batch.get(STEP_TARGETS, count_targets(segment_ids, loss_mask, (1,)))[0]
         logits, aux = model(batch["tokens"], segment_ids_BxT=segment_ids, positions_BxT=batch["positions"], mtp=False)
         weight_BxT = batch.get("loss_weight")
         valid = target_mask(segment_ids, loss_mask, 1)
+        normalizer = batch[STEP_TARGETS][0] if STEP_TARGETS in batch else valid.sum()
         if weight_BxT is not None:
             valid = valid * weight_BxT[:, 1:]
         jsd = topk_generalized_jsd(logits[:, :-1], batch["teacher_ids"][:, :-1], batch["teacher_logp"][:, :-1],

@@ -21,25 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.models import kv_cache
-from moe_jax.models.sampler import first_argmax, sampling_logits
+from moe_jax.models.sampler import sample_token
 from moe_jax.models.transformer import Transformer
 
 STREAM_STATIC_ARGNAMES = ("rows", "refill_rows", "max_new_tokens", "eos_id", "pad_id", "temperature", "top_p",
                           "top_k")
-
-
-def _sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature: float, top_p: float, top_k: int
-                 ) -> tuple[jax.Array, jax.Array]:
-    """`sample_token` with one key per row: (token, its log-prob under the sampling distribution)."""
-    if temperature == 0.0:
-        token_B = first_argmax(logits_BxV)
-        logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
-    else:
-        filtered_BxV = sampling_logits(logits_BxV, temperature, top_p, top_k)
-        gumbel_BxV = jax.vmap(lambda key: jax.random.gumbel(key, filtered_BxV.shape[1:]))(keys_B)
-        token_B = first_argmax(filtered_BxV + gumbel_BxV)
-        logp_BxV = jax.nn.log_softmax(filtered_BxV, axis=-1)
-    return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 
 
 def _sample_keys(rng: jax.Array, sample_B: jax.Array, step_B: jax.Array) -> jax.Array:
@@ -89,7 +75,7 @@ def generate_stream(model: Transformer, prompt_tokens_QxP: jax.Array, prompt_seg
         cache = {"index": cache["index"].at[target_R].add(prompt_len, mode="drop"),
                  "segment_ids": put(cache["segment_ids"], segments_RxP),
                  "layers": jax.tree.map(put, cache["layers"], aux["cache"]["layers"])}
-        token_R, logp_R = _sample_rows(logits_Rx1xV[:, 0], _sample_keys(rng, sample_R, jnp.zeros_like(sample_R)),
+        token_R, logp_R = sample_token(logits_Rx1xV[:, 0], _sample_keys(rng, sample_R, jnp.zeros_like(sample_R)),
                                        temperature, top_p, top_k)
         out = _record(state["out"], sample_R, jnp.zeros_like(sample_R), token_R, logp_R)
         finished_R = (token_R == eos_id) | (N == 1)
@@ -107,7 +93,7 @@ def generate_stream(model: Transformer, prompt_tokens_QxP: jax.Array, prompt_seg
         logits_Bx1xV, aux = model(row["token"][:, None], segment_ids_BxT=jnp.where(live_B, row["sample"] + 1, 0)[:, None],
                                   positions_BxT=row["position"][:, None], cache=state["cache"], mtp=False)
         sample_B = jnp.where(live_B, row["sample"], n_samples)
-        token_B, logp_B = _sample_rows(logits_Bx1xV[:, 0], _sample_keys(rng, sample_B, row["step"]), temperature,
+        token_B, logp_B = sample_token(logits_Bx1xV[:, 0], _sample_keys(rng, sample_B, row["step"]), temperature,
                                        top_p, top_k)
         out = _record(state["out"], sample_B, row["step"], token_B, logp_B)
         last_B = row["step"] + 1 == N

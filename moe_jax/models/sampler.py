@@ -88,14 +88,19 @@ def first_argmax(x_BxV: jax.Array) -> jax.Array:
 def sample_token(logits_BxV: jax.Array, key: jax.Array | None, temperature: float,
                  top_p: float, top_k: int = 0) -> tuple[jax.Array, jax.Array]:
     """One token per row and its log-prob under the sampling distribution; `temperature == 0` is
-    greedy argmax, scored under the model's plain softmax (what an eval reports)."""
+    greedy argmax, scored under the model's plain softmax (what an eval reports). `key` is one key
+    for the batch, or one per row (`[B]`: a refilling sampler's rows each draw for their own sample)."""
     if temperature == 0.0:
         token_B = first_argmax(logits_BxV)
         logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     else:
         filtered_BxV = sampling_logits(logits_BxV, temperature, top_p, top_k)
         # Gumbel-max, i.e. `jax.random.categorical` (the same tokens for the same key).
-        token_B = first_argmax(filtered_BxV + jax.random.gumbel(key, filtered_BxV.shape))
+        if jnp.ndim(key) == 0:
+            gumbel_BxV = jax.random.gumbel(key, filtered_BxV.shape)
+        else:
+            gumbel_BxV = jax.vmap(lambda row_key: jax.random.gumbel(row_key, filtered_BxV.shape[1:]))(key)
+        token_B = first_argmax(filtered_BxV + gumbel_BxV)
         logp_BxV = jax.nn.log_softmax(filtered_BxV, axis=-1)
     return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 

@@ -67,13 +67,11 @@ class SampledProblems:
 
 def sample_problems(policy: Transformer, task: Task, problems: Sequence[Problem], *, tokenizer: Tokenizer,
                     template: str, sampling: SamplingConfig, key: jax.Array | None, mesh: Mesh,
-                    rules: Rules | None = None, rows: int | None = None) -> SampledProblems:
+                    rules: Rules | None = None) -> SampledProblems:
     """Sample every problem's completions, each process its share of the prompts, and gather them
-    all on every process. The prompts are padded with copies of the first problem to `rows` (one
-    compiled shape for every batch of a stage) or else to a multiple of the device count (so that
-    they split evenly); the padding's samples are dropped."""
-    padded = list(problems) + list(problems[:1]) * ((rows - len(problems)) if rows else
-                                                    -len(problems) % jax.device_count())
+    all on every process. The prompts are padded with copies of the first problem to a multiple of
+    the device count (so that they split evenly); the padding's samples are dropped."""
+    padded = list(problems) + list(problems[:1]) * (-len(problems) % jax.device_count())
     local = process_batch_slice(len(padded))
     tokens_PxL, segments_PxL = left_padded_prompts([prompt_ids(task, tokenizer, p, template) for p in padded],
                                                    tokenizer.pad_id)
