@@ -26,7 +26,6 @@ from absl import app, flags
 
 from moe_jax import config_flags
 from moe_jax.data.pipelines import prompt_ids
-from moe_jax.data.tasks import make_task
 from moe_jax.data.tokenizer import CharTokenizer
 from moe_jax.models import init_cache
 from moe_jax.models.sampler import SamplingConfig, jit_generate
@@ -36,7 +35,7 @@ from moe_jax.pipeline.config import PipelineConfig, RejectionConfig
 from moe_jax.pipeline.rejection import rejection_sample
 from moe_jax.train.context import init_model_and_optimizer, load_init_from
 from moe_jax.train.evaluation import left_padded_prompts
-from moe_jax.train.experiment_config import parse_options
+from moe_jax.train.experiment_config import run_task
 
 config_flags.define_config_flags(config_class=PipelineConfig)
 flags.DEFINE_string("init_from", None, "a trained model to sample from (a workdir); default: random init")
@@ -56,7 +55,7 @@ def main(argv: list[str]) -> None:
     model, _ = init_model_and_optimizer(run, mesh)
     if FLAGS.init_from:
         load_init_from(model, FLAGS.init_from)
-    tokenizer, task = CharTokenizer(), make_task(run.task, **parse_options(run.task_options))
+    tokenizer, task = CharTokenizer(), run_task(run)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=FLAGS.new_tokens, samples_per_prompt=FLAGS.samples_per_prompt)
     rs = RejectionConfig(prompts=FLAGS.prompts, prompts_per_batch=FLAGS.prompts_per_batch, sampling=sampling,
                          max_tokens=FLAGS.new_tokens)

@@ -30,7 +30,7 @@ from moe_jax.distill.table6 import run_table6
 from moe_jax.experiment_main import define_run_flags, setup_from_flags, user_errors_in_one_line
 
 config_flags.define_config_flags(default="tiny-dense-s", config_class=DistillConfig)
-define_run_flags()
+define_run_flags(graph=True)
 flags.DEFINE_enum("study", "", ["", "table6"], "'table6': R1's Table 6 in miniature over study.sizes and "
                   "study.seeds; '': one distillation (kd.mode)")
 flags.DEFINE_float("scale", 1.0, "multiplies every run's steps and the sample counts (e.g. 0.05 to check the "
@@ -47,10 +47,9 @@ def main(argv: list[str]) -> None:
         if FLAGS.study == "table6":
             if FLAGS.init_from:
                 raise app.UsageError("--init_from names one student's base; the study pretrains a base per size")
-            rows = run_table6(cfg, FLAGS.workdir, mesh_spec=FLAGS.mesh, allow_config_change=FLAGS.allow_config_change)
+            rows = run_table6(cfg, FLAGS.workdir, mesh_spec=FLAGS.mesh)
         else:
-            rows = run_distillation(cfg, FLAGS.workdir, mesh_spec=FLAGS.mesh, student_init_from=FLAGS.init_from,
-                                    allow_config_change=FLAGS.allow_config_change)
+            rows = run_distillation(cfg, FLAGS.workdir, mesh_spec=FLAGS.mesh, student_init_from=FLAGS.init_from)
 
     def plain(value):  # JSON has no NaN or tuples
         if isinstance(value, tuple):

@@ -20,15 +20,16 @@ import math
 from absl import app, flags
 
 from moe_jax import config_flags
-from moe_jax.experiment_main import define_run_flags, setup_from_flags, user_errors_in_one_line
-from moe_jax.pipeline.config import PipelineConfig
+from moe_jax.experiment_main import (
+    config_from_recipe_flags,
+    define_flags,
+    setup_from_flags,
+    user_errors_in_one_line,
+)
 from moe_jax.pipeline.r1 import run_pipeline
-from moe_jax.recipes import get_recipe, recipes_for
 
-config_flags.define_config_flags(config_class=PipelineConfig)
-define_run_flags()
-flags.DEFINE_enum("recipe", "arithmetic", ["arithmetic", "countdown", *recipes_for(PipelineConfig)],
-                  "the pipeline's recipe (moe_jax.recipes): arithmetic is r1-arithmetic, countdown r1-countdown")
+# The recipes (moe_jax.recipes): --recipe=arithmetic is r1-arithmetic, countdown r1-countdown.
+define_flags("r1-arithmetic", prefix="r1-", graph=True)
 flags.DEFINE_float("scale", 1.0, "multiplies every stage's steps and sample counts (e.g. 0.05 to check the "
                    "whole chain end to end in a minute or two)")
 FLAGS = flags.FLAGS
@@ -36,14 +37,11 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    recipe = get_recipe(FLAGS.recipe if FLAGS.recipe.startswith("r1-") else f"r1-{FLAGS.recipe}")
-    cfg = config_flags.config_from_flags(defaults=dict(recipe.fields), config_class=PipelineConfig,
-                                         model_defaults=dict(recipe.model_fields))
+    cfg = config_from_recipe_flags()
     setup_from_flags()
     with user_errors_in_one_line():
         rows = run_pipeline(cfg.scaled(FLAGS.scale) if FLAGS.scale != 1 else cfg, FLAGS.workdir,
-                            mesh_spec=FLAGS.mesh, init_from=FLAGS.init_from,
-                            allow_config_change=FLAGS.allow_config_change)
+                            mesh_spec=FLAGS.mesh, init_from=FLAGS.init_from)
     rows = {stage: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
             for stage, row in rows.items()}  # JSON has no NaN (a length with no answers to average)
     print(json.dumps({"workdir": FLAGS.workdir, "results": rows}))

@@ -16,24 +16,19 @@ import os
 
 from absl import app, flags
 
-from moe_jax import config_flags
+from moe_jax import config_flags, runs
 from moe_jax.experiment_main import (
-    define_run_flags,
+    config_from_recipe_flags,
+    define_flags,
+    recipe_from_flags,
     run_and_report,
     setup_from_flags,
     user_errors_in_one_line,
 )
-from moe_jax.recipes import get_recipe, r1_zero_base_config
-from moe_jax.rl.config import GRPOConfig
-from moe_jax.rl.trainer import train_grpo
-from moe_jax.train.trainer import train
+from moe_jax.recipes import r1_zero_base_config
 
-# The recipes (moe_jax.recipes): "arithmetic" is r1-zero-arithmetic, "countdown" r1-zero-countdown.
-TASKS = ("arithmetic", "countdown")
-config_flags.define_config_flags(config_class=GRPOConfig)
-define_run_flags()
-flags.DEFINE_enum("recipe", "arithmetic", [*TASKS, *(f"r1-zero-{t}" for t in TASKS)],
-                  "the R1-Zero recipe: its task and defaults (--config.* flags override them)")
+# The recipes (moe_jax.recipes): --recipe=arithmetic is r1-zero-arithmetic, countdown r1-zero-countdown.
+define_flags("r1-zero-arithmetic", prefix="r1-zero-")
 flags.DEFINE_integer("base_steps", None, "pretraining steps of the base model (default: the recipe's)")
 flags.DEFINE_float("base_error_rate", None, "share of flawed traces in the base model's corpus "
                    "(default: the recipe's)")
@@ -49,16 +44,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--base_steps must be >= 1, got {FLAGS.base_steps}")
     if FLAGS.base_error_rate is not None and not 0 <= FLAGS.base_error_rate <= 1:
         raise app.UsageError(f"--base_error_rate must lie in [0, 1], got {FLAGS.base_error_rate}")
-    recipe = get_recipe(FLAGS.recipe if FLAGS.recipe.startswith("r1-zero-") else f"r1-zero-{FLAGS.recipe}")
-    rl = config_flags.config_from_flags(defaults=dict(recipe.fields), config_class=GRPOConfig,
-                                        model_defaults=dict(recipe.model_fields))
+    recipe, rl = recipe_from_flags(), config_from_recipe_flags()
     setup_from_flags()
     base_dir = os.path.join(FLAGS.workdir, "base")
     base = r1_zero_base_config(rl, FLAGS.base_steps or recipe.base_steps,
                                recipe.base_error_rate if FLAGS.base_error_rate is None else FLAGS.base_error_rate)
     with user_errors_in_one_line():
-        run_and_report(train, base, base_dir, mesh_spec=FLAGS.mesh, allow_config_change=FLAGS.allow_config_change)
-        run_and_report(train_grpo, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
+        run_and_report(runs.run, base, base_dir, mesh_spec=FLAGS.mesh, allow_config_change=FLAGS.allow_config_change)
+        run_and_report(runs.run, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
                        init_from=base_dir, allow_config_change=FLAGS.allow_config_change)
 
 

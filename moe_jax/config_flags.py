@@ -160,7 +160,8 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
                       config_class: type[RunConfig] = ExperimentConfig,
                       model_defaults: Mapping[str, Any] | None = None) -> RunConfig:
     """The base config with every set override flag applied and the result validated; a bad
-    value is a usage error naming the field, raised before anything is built. `defaults` and
+    value ends the script with one `FATAL` line naming the flag's path and the fix, before
+    anything is built. `defaults` and
     `model_defaults` are the script's (run fields by path, and model fields, under the preset or
     file's)."""
     overrides = {name.removeprefix(_PREFIX): flag_values[name].value for name in _override_fields(config_class)
@@ -169,4 +170,6 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
         return config_tree.override(load_base(flag_values.config, defaults or {}, config_class, model_defaults),
                                     overrides)
     except (KeyError, ValueError) as e:
-        raise app.UsageError(str(e)) from e
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        sys.stderr.write(f"FATAL bad --config: {message}\n")
+        sys.exit(1)

@@ -1,7 +1,8 @@
 """What every entry point shares, so `experiments/*.py` stay a few lines: the run flags
-(`--workdir`, `--mesh`, `--init_from`, `--recipe`, the multi-process flags), the call into the
-run (`main`: the recipe's kind of run — `train` for pretraining and SFT, `train_grpo` for GRPO —
-its summary printed as one JSON line), and the benchmarks' flags."""
+(`--workdir`, `--mesh`, `--init_from`, the multi-process flags), one `--recipe` flag (any recipe
+of the script's kind, by its name or its short name), the call into the run (`main`: the recipe's
+kind of run by its config class, `moe_jax.runs`, its summary printed as one JSON line), and the
+benchmarks' flags."""
 
 from __future__ import annotations
 
@@ -11,31 +12,34 @@ import logging as py_logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 from absl import app, flags, logging
 
-from moe_jax import config_flags
+from moe_jax import config_flags, runs
 from moe_jax.errors import InputError
 from moe_jax.parallel.distributed import define_distributed_flags, initialize_from_flags
-from moe_jax.recipes import get_recipe, recipes_for
-from moe_jax.rl.config import GRPOConfig
+from moe_jax.pipeline.executor import StepIncomplete
+from moe_jax.recipes import Recipe, get_recipe, recipes_for
 from moe_jax.rl.health import RunHealthError
-from moe_jax.rl.trainer import train_grpo
 from moe_jax.train.checkpoint import CheckpointError
 from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.lock import WorkdirLockedError
-from moe_jax.train.trainer import train
 from moe_jax.train.workdir import ConfigConflictError
 
 COMPILATION_CACHE = "~/.cache/moe_jax/xla"  # compiled programs kept between runs (--compilation_cache)
 COMPILATION_CACHE_BYTES = 2 << 30  # the oldest entries go past 2 GiB
 SCRATCH = "scratch"  # --init_from=scratch: a fine-tuning recipe from a random init, on purpose
 USER_ERRORS = (InputError, ConfigConflictError, WorkdirLockedError, CheckpointError, FloatingPointError,
-               RunHealthError, FileNotFoundError, NotADirectoryError)
+               RunHealthError, FileNotFoundError, NotADirectoryError, StepIncomplete)
+# The recipe-name prefix each FlagValues' --recipe takes short names for ("r1-": --recipe=countdown).
+_RECIPE_PREFIX: dict[int, str] = {}
 
 
-def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS, *, graph: bool = False) -> None:
+    """The flags of a script that trains: one run, or (`graph`) a graph of runs, whose steps are
+    redone when their config changes, so `--allow_config_change` has no use there."""
     flags.DEFINE_string("workdir", None, "directory of the run: config, checkpoints, metrics; "
                         "rerunning on the same workdir resumes", required=True, flag_values=flag_values)
     flags.DEFINE_string("mesh", None, "device mesh, e.g. 'data=2,expert=4'; unset = every device on "
@@ -44,28 +48,42 @@ def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "checkpoint directory) or of a Hugging Face folder (hf:<folder>); a run that "
                         "resumes from its own checkpoints keeps them (GRPO still reads it for the KL "
                         "reference)", flag_values=flag_values)
-    flags.DEFINE_list("allow_config_change", [], "config paths or parts (e.g. optimizer, "
-                      "optimizer.learning_rate, steps) a resumed run may change from its saved config; "
-                      "the run goes on from its last good checkpoint and records the change",
-                      flag_values=flag_values)
+    if not graph:
+        flags.DEFINE_list("allow_config_change", [], "config paths or parts (e.g. optimizer, "
+                          "optimizer.learning_rate, steps) a resumed run may change from its saved config; "
+                          "the run goes on from its last good checkpoint and records the change",
+                          flag_values=flag_values)
     flags.DEFINE_string("compilation_cache", COMPILATION_CACHE, "folder of compiled XLA programs reused by later "
                         "runs and stages with the same programs (JAX's persistent cache; "
                         "$JAX_COMPILATION_CACHE_DIR wins); '' turns it off", flag_values=flag_values)
     define_distributed_flags(flag_values)
 
 
-def define_recipe_flags(default: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """`--recipe` (the recipes of `default`'s kind of run) and the `--config` flags of that kind."""
+def define_recipe_flags(default: str, flag_values: flags.FlagValues = flags.FLAGS, *, prefix: str = "") -> None:
+    """`--recipe` (the recipes of `default`'s kind of run whose names start with `prefix`, by their
+    name or without the prefix) and the `--config` flags of that kind."""
     config_class = get_recipe(default).config_class
-    flags.DEFINE_enum("recipe", default, recipes_for(config_class), "named experiment preset "
+    names = [name for name in recipes_for(config_class) if name.startswith(prefix)]
+    short = [name.removeprefix(prefix) for name in names] if prefix else []
+    flags.DEFINE_enum("recipe", default.removeprefix(prefix), short + names, "named experiment preset "
                       "(moe_jax.recipes); --config and --config.<field> override it", flag_values=flag_values)
     config_flags.define_config_flags(flag_values=flag_values, config_class=config_class)
+    _RECIPE_PREFIX[id(flag_values)] = prefix
 
 
-def define_flags(default_recipe: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Every flag of a training script whose recipe is `default_recipe`."""
-    define_recipe_flags(default_recipe, flag_values)
-    define_run_flags(flag_values)
+def recipe_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Recipe:
+    """The recipe `--recipe` names (a short name gets the script's prefix)."""
+    name = flag_values.recipe
+    prefix = _RECIPE_PREFIX.get(id(flag_values), "")
+    return get_recipe(name if name.startswith(prefix) else prefix + name)
+
+
+def define_flags(default_recipe: str, flag_values: flags.FlagValues = flags.FLAGS, *, prefix: str = "",
+                 graph: bool = False) -> None:
+    """Every flag of a training script whose recipe is `default_recipe` (`define_recipe_flags`,
+    `define_run_flags`)."""
+    define_recipe_flags(default_recipe, flag_values, prefix=prefix)
+    define_run_flags(flag_values, graph=graph)
 
 
 def define_bench_flags(warmup: int, repeats: int, flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -76,9 +94,9 @@ def define_bench_flags(warmup: int, repeats: int, flag_values: flags.FlagValues 
     flags.DEFINE_integer("repeats", repeats, "timed steps", flag_values=flag_values)
 
 
-def config_from_recipe_flags(flag_values: flags.FlagValues = flags.FLAGS) -> RunConfig:
+def config_from_recipe_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Any:
     """The `--recipe`'s config under `--config` (a preset or file) and the override flags."""
-    recipe = get_recipe(flag_values.recipe)
+    recipe = recipe_from_flags(flag_values)
     return config_flags.config_from_flags(flag_values, defaults=dict(recipe.fields),
                                           config_class=recipe.config_class,
                                           model_defaults=dict(recipe.model_fields))
@@ -120,13 +138,13 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     del argv
     cfg = config_from_recipe_flags(flag_values)
     init_from = flag_values.init_from
-    if get_recipe(flag_values.recipe).needs_init_from and not init_from:
+    if recipe_from_flags(flag_values).needs_init_from and not init_from:
         raise app.UsageError(f"--recipe={flag_values.recipe} trains a model further: give --init_from=<a run's "
                              "workdir, a checkpoint or hf:<folder>> (--init_from=scratch starts from a random "
                              "init, on purpose)")
     setup_from_flags(flag_values)
     with user_errors_in_one_line():
-        run_and_report(train_grpo if isinstance(cfg, GRPOConfig) else train, cfg, flag_values.workdir,
+        run_and_report(runs.run, cfg, flag_values.workdir,
                        mesh_spec=flag_values.mesh, init_from=None if init_from == SCRATCH else init_from,
                        allow_config_change=flag_values.allow_config_change)
 

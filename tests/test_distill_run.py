@@ -19,7 +19,7 @@ from moe_jax.distill.config import DistillConfig, KDConfig
 from moe_jax.distill.distillation import Distillation, run_distillation
 from moe_jax.distill.table6 import study_stages
 from moe_jax.errors import InputError
-from moe_jax.pipeline.stages import read_stage, run_stages
+from moe_jax.pipeline.executor import read_step, run_steps
 from moe_jax.train import config_tree
 from moe_jax.train.experiment_config import ExperimentConfig, LoopConfig
 from moe_jax.train.trainer import train
@@ -86,18 +86,18 @@ def test_a_distillation_runs_then_skips_then_redoes_only_the_student(teacher, tm
     assert stats["sampled"] == 16 and stats["records"] >= 2  # the non-reasoning share at least
     with open(os.path.join(workdir, "results.csv")) as f:
         assert [r["stage"] for r in csv.DictReader(f)] == list(rows)
-    attempts = {s: len(read_stage(os.path.join(workdir, s))["attempts"]) for s in
+    attempts = {s: len(read_step(os.path.join(workdir, s))["attempts"]) for s in
                 ("teacher", "traces", "student_base", "student")}
     assert set(attempts.values()) == {1}
 
     run_distillation(cfg, workdir)  # done: every stage skipped
-    assert {s: len(read_stage(os.path.join(workdir, s))["attempts"]) for s in attempts} == attempts
+    assert {s: len(read_step(os.path.join(workdir, s))["attempts"]) for s in attempts} == attempts
 
     logit = config_tree.override(cfg, {"kd.mode": "logit"})
     rows = run_distillation(logit, workdir)
-    again = {s: len(read_stage(os.path.join(workdir, s))["attempts"]) for s in attempts}
+    again = {s: len(read_step(os.path.join(workdir, s))["attempts"]) for s in attempts}
     assert again == {"teacher": 1, "traces": 1, "student_base": 1, "student": 1}
-    assert read_stage(os.path.join(workdir, "student"))["settings"]["run"]["kd"]["mode"] == "logit"
+    assert read_step(os.path.join(workdir, "student"))["settings"]["run"]["kd"]["mode"] == "logit"
     assert os.path.exists(os.path.join(workdir, "topk", "topk.array_record"))
     assert any(name.startswith("student-") for name in os.listdir(os.path.join(workdir, "superseded")))
     assert "student (logit KD)" in rows
@@ -111,12 +111,12 @@ def test_given_traces_are_read_not_written(teacher, tmp_path):
     write_jsonl(str(folder / "data.jsonl"), [{"prompt": "1+1\n", "response": "<answer>2</answer>"}])
     cfg = config_tree.override(_tiny(teacher), {"teacher.traces": str(folder)})
     d = Distillation(cfg, str(tmp_path / "kd"))
-    keys = run_stages(d.workdir, d.stages(), only=("traces",))
+    keys = run_steps(d.workdir, d.stages(), only=("traces",))
     assert d.traces_data == str(folder / "data.jsonl")
-    assert read_done(d.path("traces"))["metrics"]["traces"] == d.traces_data
+    assert read_done(d.path("traces"))["metrics"]["source"] == d.traces_data
     assert not os.path.exists(os.path.join(d.path("traces"), "data.jsonl"))  # nothing sampled
     write_jsonl(str(folder / "data.jsonl"), [{"prompt": "1+2\n", "response": "<answer>3</answer>"}] * 2)
-    assert run_stages(d.workdir, d.stages(), only=("traces",))["traces"] != keys["traces"]
+    assert run_steps(d.workdir, d.stages(), only=("traces",))["traces"] != keys["traces"]
     with pytest.raises(InputError, match="teacher.traces: .* does not exist"):
         Distillation(config_tree.override(cfg, {"teacher.traces": str(tmp_path / "none")}), str(tmp_path)).traces_stage()
 
@@ -132,8 +132,8 @@ def test_the_table6_graph(teacher, tmp_path):
     budgets = {f"{size}/seq_kd-seed{i}": 10.0 + i for size in ("tiny-dense-s", "tiny-dense") for i in range(2)}
     stages = {s.name: s for s in study_stages(d, budgets)}
     rl = stages["tiny-dense/rl_only-seed1"]
-    assert rl.inputs == ("tiny-dense/base",) and rl.settings["run"]["loop"]["max_seconds"] == 11.0
-    assert rl.settings["run"]["seed"] == 1 and rl.settings["run"]["model"]["name"] == "tiny-dense"
+    assert rl.inputs == ("tiny-dense/base",) and rl.config["run"].loop.max_seconds == 11.0
+    assert rl.config["run"].seed == 1 and rl.config["run"].model.name == "tiny-dense"
     assert stages["tiny-dense-s/seq_kd_rl"].inputs == ("tiny-dense-s/seq_kd-seed0",)
-    assert stages["tiny-dense-s/logit_kd"].settings["run"]["kd"]["mode"] == "logit"
+    assert stages["tiny-dense-s/logit_kd"].config["run"].kd.mode == "logit"
     assert "topk" in stages["tiny-dense-s/on_policy_kd"].inputs and "topk" not in stages["tiny-dense-s/seq_kd-seed1"].inputs

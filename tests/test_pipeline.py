@@ -1,12 +1,11 @@
 """The R1 pipeline's parts without training: rejection sampling's filters on hand-made
-completions, the stage graph (skip, resume, the downstream redo), the pipeline config, the
+completions, the pipeline config, the
 datasets' provenance and prompt disjointness, and the results table."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 
 import pytest
 
@@ -21,9 +20,7 @@ from moe_jax.pipeline import datasets, report
 from moe_jax.pipeline.config import RUN_STAGES, PipelineConfig, RejectionConfig
 from moe_jax.pipeline.r1 import COLD_START_OFFSET, REJECTION_OFFSET, seen_problems
 from moe_jax.pipeline.rejection import rejection_reason
-from moe_jax.pipeline.stages import SUPERSEDED_DIR, Stage, read_stage, run_stages, stage_key
 from moe_jax.train import config_tree
-from moe_jax.train import workdir as workdir_format
 
 TASK = make_task("arithmetic", max_digits=3, ops="+", languages="en+fr")
 FILTERS = RejectionConfig(min_tokens=5, max_tokens=60)
@@ -65,75 +62,6 @@ def test_duplicates_are_dropped_once(tmp_path):
         if reason is None:
             kept.append(text)
     assert reasons == [None, "duplicate", None, "duplicate"]
-
-
-def _counting_stage(name, inputs, settings, calls, *, fail_first=False):
-    def run(stage_dir, input_dirs):
-        calls.append(name)
-        assert set(input_dirs) == set(inputs)
-        with open(os.path.join(stage_dir, "output.txt"), "a") as f:
-            f.write(f"{settings}\n")
-        if fail_first and calls.count(name) == 1:
-            raise KeyboardInterrupt  # killed midway: no DONE
-        workdir_format.mark_done(stage_dir, 1, {})
-    return Stage(name, tuple(inputs), settings, run)
-
-
-def _graph(calls, changes=None, fail=None):
-    settings = {"a": {"x": 1}, "b": {"y": 2}, "c": {"z": 3}, "d": {"w": 4}, **(changes or {})}
-    edges = {"a": (), "b": ("a",), "c": ("b",), "d": ("a",)}
-    return [_counting_stage(n, edges[n], settings[n], calls, fail_first=n == fail) for n in "abcd"]
-
-
-def test_stages_skip_resume_and_redo_downstream(tmp_path):
-    workdir, calls = str(tmp_path), []
-    keys = run_stages(workdir, _graph(calls))
-    assert calls == ["a", "b", "c", "d"]
-    calls.clear()
-    assert run_stages(workdir, _graph(calls)) == keys and calls == []  # all done: all skipped
-    # b changes: b and c (which reads b) are redone; a and d are not.
-    new_keys = run_stages(workdir, _graph(calls, {"b": {"y": 3}}))
-    assert calls == ["b", "c"]
-    assert new_keys["a"] == keys["a"] and new_keys["d"] == keys["d"]
-    assert new_keys["b"] != keys["b"] and new_keys["c"] != keys["c"]
-    superseded = sorted(os.listdir(os.path.join(workdir, SUPERSEDED_DIR)))
-    assert superseded == [f"b-{keys['b']}", f"c-{keys['c']}"]  # moved aside, never deleted
-    with open(os.path.join(workdir, SUPERSEDED_DIR, f"b-{keys['b']}", "output.txt")) as f:
-        assert f.read() == "{'y': 2}\n"
-    # A stage killed midway is resumed in its own folder (same key), then skipped.
-    calls.clear()
-    with pytest.raises(KeyboardInterrupt):
-        run_stages(workdir, _graph(calls, {"b": {"y": 3}, "d": {"w": 5}}, fail="d"))
-    run_stages(workdir, _graph(calls, {"b": {"y": 3}, "d": {"w": 5}}, fail="d"))
-    assert calls == ["d", "d"]
-    with open(os.path.join(workdir, "d", "output.txt")) as f:
-        assert f.read() == "{'w': 5}\n{'w': 5}\n"  # the second attempt found the first one's files
-    assert len(read_stage(os.path.join(workdir, "d"))["attempts"]) == 1  # the killed attempt is not timed
-    calls.clear()
-    run_stages(workdir, _graph(calls, {"b": {"y": 3}, "d": {"w": 5}}), only=["c"])
-    assert calls == []
-
-
-def test_a_field_added_at_its_old_value_keeps_the_stage_keys():
-    """`loop.max_seconds` came after pipeline folders existed: at 0 (no budget) a run's key is the
-    key it had without the field, at any depth of the settings; any other value changes it."""
-    run = PipelineConfig().sft.to_dict()
-    before = {**run, "loop": {k: v for k, v in run["loop"].items() if k != "max_seconds"}}
-    assert stage_key({"run": run}, ["a"]) == stage_key({"run": before}, ["a"])
-    assert stage_key({"pipeline": {"sft": run}}, []) == stage_key({"pipeline": {"sft": before}}, [])
-    budget = {**run, "loop": {**run["loop"], "max_seconds": 60.0}}
-    assert stage_key({"run": budget}, ["a"]) != stage_key({"run": run}, ["a"])
-
-
-def test_only_runs_what_a_stage_reads(tmp_path):
-    calls = []
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "notes.txt").write_text("mine")  # a folder the pipeline did not make: kept aside
-    run_stages(str(tmp_path), _graph(calls), only=["b"])
-    assert calls == ["a", "b"]
-    assert (tmp_path / SUPERSEDED_DIR / "a-unkeyed" / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="unknown stage"):
-        run_stages(str(tmp_path), _graph(calls), only=["sft"])
 
 
 def test_pipeline_config_shares_fields_and_scales():

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from moe_jax.pipeline.config import PipelineConfig
-from moe_jax.pipeline.stages import read_stage
+from moe_jax.pipeline.executor import read_step
 from moe_jax.train import config_tree
 from moe_jax.train.metrics import read_metrics
 
@@ -41,12 +41,14 @@ TINY = config_tree.override(
 SCRIPT = """
 import json, os, signal, sys
 from absl import logging
+from moe_jax import runs
 from moe_jax.pipeline import r1
 from moe_jax.pipeline.config import PipelineConfig
+from moe_jax.train.experiment_config import ExperimentConfig
 
 cfg = PipelineConfig.from_dict(json.load(open(sys.argv[1])))
 kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
-train = r1.train
+train = runs.RUNNERS[ExperimentConfig]
 
 def train_with_kill(run, workdir, **kwargs):
     def kill(step, state):
@@ -55,7 +57,7 @@ def train_with_kill(run, workdir, **kwargs):
     hooks = [kill] if kill_at is not None and os.path.basename(workdir) == "sft" else []
     return train(run, workdir, hooks=hooks, **kwargs)
 
-r1.train = train_with_kill
+runs.RUNNERS[ExperimentConfig] = train_with_kill
 logging.set_verbosity(logging.INFO)  # the stages say what they do: run, resume, skip
 r1.run_pipeline(cfg, sys.argv[2])
 """
@@ -125,17 +127,17 @@ def test_a_rerun_skips_and_a_changed_stage_redoes_only_what_follows(finished, tm
     root, _ = finished
     workdir = tmp_path / "copy"
     shutil.copytree(root / "uninterrupted", workdir)
-    attempts = {s: len(read_stage(str(workdir / s))["attempts"]) for s in ("base", "sft", "final_rl", "r1_zero")}
+    attempts = {s: len(read_step(str(workdir / s))["attempts"]) for s in ("base", "sft", "final_rl", "r1_zero")}
     same = _pipeline(root / "config.json", workdir)
     assert same.returncode == 0 and same.stderr.count("skipped") == 7, same.stderr[-3000:]
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps(config_tree.override(TINY, {"sft.optimizer.learning_rate": 5e-4}).to_dict()))
     redo = _pipeline(changed, workdir)
     assert redo.returncode == 0, redo.stderr[-3000:]
-    now = {s: len(read_stage(str(workdir / s))["attempts"]) for s in attempts}
+    now = {s: len(read_step(str(workdir / s))["attempts"]) for s in attempts}
     assert now == {**attempts, "sft": 1, "final_rl": 1}  # new folders: one attempt each
-    assert sorted(os.listdir(workdir / "superseded")) == [f"final_rl-{read_stage(str(root / 'uninterrupted' / 'final_rl'))['key']}",
-                                                           f"sft-{read_stage(str(root / 'uninterrupted' / 'sft'))['key']}"]
+    assert sorted(os.listdir(workdir / "superseded")) == [f"final_rl-{read_step(str(root / 'uninterrupted' / 'final_rl'))['key']}",
+                                                           f"sft-{read_step(str(root / 'uninterrupted' / 'sft'))['key']}"]
     assert "stage r1_zero: done" in redo.stderr and "stage base: done" in redo.stderr
 
 
@@ -147,9 +149,9 @@ def test_a_base_from_elsewhere_is_read_not_trained(finished, tmp_path):
     root, _ = finished
     base = str(root / "uninterrupted" / "base")
     run_pipeline(TINY, str(tmp_path), init_from=base, only=["cold_start"])
-    assert read_done(str(tmp_path / "base"))["metrics"] == {"init_from": base}
+    assert read_done(str(tmp_path / "base"))["metrics"] == {"source": base}
     assert not (tmp_path / "base" / "checkpoints").exists()
-    assert json.loads((tmp_path / "cold_start" / "stage.json").read_text())["inputs"]["base"] == read_stage(
+    assert json.loads((tmp_path / "cold_start" / "stage.json").read_text())["inputs"]["base"] == read_step(
         str(tmp_path / "base"))["key"]
     assert not (tmp_path / "reasoning_rl").exists()
     # It started from those weights: its losses are the ones the pipeline that trained the base had.

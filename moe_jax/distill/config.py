@@ -92,6 +92,9 @@ class TeacherConfig:
     # "": the teacher writes them on demand, through rejection sampling's filters (`rejection`).
     traces: str = ""
     rejection: RejectionConfig = dataclasses.field(default_factory=lambda: RejectionConfig(prompts=1024))
+    # Accept a `source` run that has not finished (no DONE: still training, or stopped): its latest
+    # checkpoint teaches, and the teacher step's record says so. Off: such a teacher is refused.
+    allow_unfinished: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +168,9 @@ class DistillConfig(config_tree.TreeConfig):
             except InputError as e:
                 raise InputError(f"DistillConfig.{name}: {e}") from None
             object.__setattr__(self, name, run)
+        if self.kd.uses_teacher_logits and self.kd.top_k > self.model.vocab_size:
+            raise config_error(self, "kd.top_k", f"{self.kd.top_k} > the vocabulary ({self.model.vocab_size} ids)",
+                               f"use at most {self.model.vocab_size}, or 0 for the whole vocabulary")
         if self.kd.mode == "on_policy":
             prompt_room = self.student.seq_len - self.kd.sampling.max_new_tokens
             if prompt_room < 8:

@@ -32,7 +32,6 @@ from moe_jax.distill.teacher import (
     Teacher,
     cached_examples,
     check_vocabulary,
-    local_rows,
     make_topk_fn,
     topk_width,
 )
@@ -40,7 +39,7 @@ from moe_jax.models import Transformer
 from moe_jax.models.kv_cache import segment_positions
 from moe_jax.models.sampler import SamplingConfig, jit_generate
 from moe_jax.parallel import use_mesh
-from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
+from moe_jax.parallel.distributed import global_batch_array, local_rows, process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.rl.policy import rollout_rows
 from moe_jax.train import driver

@@ -18,18 +18,18 @@ their rows are each seed's and the mean ± std. Every run is a stage of the dist
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from absl import logging
 
 from moe_jax.configs import get_preset
 from moe_jax.distill.config import DistillConfig, KDRunConfig
 from moe_jax.distill.distillation import Distillation
+from moe_jax.parallel.distributed import is_lead
 from moe_jax.pipeline import report
-from moe_jax.pipeline.stages import Stage, is_lead, run_stages, stage_seconds
+from moe_jax.pipeline.executor import Step, run_steps, step_seconds
+from moe_jax.stats import mean_std_rows
 from moe_jax.train import config_tree
 
 SEEDED = ("rl_only", "seq_kd")  # the variants run over several seeds
@@ -48,7 +48,7 @@ def _kd(run: KDRunConfig, mode: str) -> KDRunConfig:
     return dataclasses.replace(run, kd=dataclasses.replace(run.kd, mode=mode))
 
 
-def study_stages(d: Distillation, budgets: Mapping[str, float] | None) -> list[Stage]:
+def study_stages(d: Distillation, budgets: Mapping[str, float] | None) -> list[Step]:
     """The study's stages; with `budgets` (seconds per seq_kd stage) also the RL-only runs."""
     cfg = d.cfg
     stages = [d.teacher_stage(), d.traces_stage(), d.topk_stage()]
@@ -65,43 +65,31 @@ def study_stages(d: Distillation, budgets: Mapping[str, float] | None) -> list[S
         if budgets is not None:
             for i in range(cfg.study.seeds):
                 run = config_tree.override(_seeded(student, i).rl, {"loop.max_seconds": budgets[f"{size}/seq_kd-seed{i}"]})
-                stages.append(d.rl_stage(f"{size}/rl_only-seed{i}", base, run))
+                stages.append(d.rl_stage(f"{size}/rl_only-seed{i}", base, run, init_from=d.base_source(base)))
     return stages
 
 
-def _mean_std(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
-    summary = {}
-    for column in rows[0]:
-        values = [float(r[column]) for r in rows if isinstance(r.get(column), (int, float))]
-        values = [v for v in values if not math.isnan(v)]
-        if values:
-            summary[column] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
-    return summary
-
-
-def run_table6(cfg: DistillConfig, workdir: str, *, mesh_spec: str | None = None,
-               allow_config_change: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def run_table6(cfg: DistillConfig, workdir: str, *, mesh_spec: str | None = None) -> dict[str, dict[str, Any]]:
     """Run (or resume) the study in `workdir` and write its `results.md|csv|png`; returns the rows."""
-    d = Distillation(cfg, workdir, mesh_spec, allow_config_change=allow_config_change)
-    run_stages(workdir, study_stages(d, None))
+    d = Distillation(cfg, workdir, mesh_spec)
+    run_steps(workdir, study_stages(d, None))
     sizes, seeds = cfg.study.size_names(), range(cfg.study.seeds)
-    budgets = {f"{size}/seq_kd-seed{i}": float(round(stage_seconds(d.path(f"{size}/seq_kd-seed{i}"))))
+    budgets = {f"{size}/seq_kd-seed{i}": float(round(step_seconds(d.path(f"{size}/seq_kd-seed{i}"))))
                for size in sizes for i in seeds}
     logging.info("RL-only wall-clock budgets (s): %s", budgets)
-    keys = run_stages(workdir, study_stages(d, budgets))
+    run_steps(workdir, study_stages(d, budgets))
 
-    rows: dict[str, dict[str, Any]] = {"teacher": {**d.measure("teacher", keys, d.teacher_source), "wall_s": None}}
+    rows: dict[str, dict[str, Any]] = {"teacher": {**d.measure("teacher", d.teacher_source), "wall_s": None}}
     for size in sizes:
         student = sized(cfg, size)
         runs = {"base": student.student_base, "seq_kd_rl": student.rl, "logit_kd": student.student,
                 "on_policy_kd": student.student, "rl_only": student.rl, "seq_kd": student.student}
         for variant in ("base", "rl_only", "seq_kd", "seq_kd_rl", "logit_kd", "on_policy_kd"):
             names = [f"{size}/{variant}-seed{i}" for i in seeds] if variant in SEEDED else [f"{size}/{variant}"]
-            measured = [d.measure(name, keys, d.base_source(name) if variant == "base" else d.path(name), runs[variant])
-                        for name in names]
+            measured = [d.measure(name, d.model_path(name, base=variant == "base"), runs[variant]) for name in names]
             if variant in SEEDED:
                 rows.update({name: m for name, m in zip(names, measured)})
-                rows[f"{size}/{variant} (mean ± std, {len(names)} seeds)"] = _mean_std(measured)
+                rows[f"{size}/{variant} (mean ± std, {len(names)} seeds)"] = mean_std_rows(measured)
             else:
                 rows[names[0]] = measured[0]
     if is_lead():

@@ -21,8 +21,7 @@ import grain
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from moe_jax.configs import ModelConfig
 from moe_jax.data.pipelines import record_examples
@@ -30,10 +29,14 @@ from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
 from moe_jax.distill.losses import teacher_topk
 from moe_jax.errors import InputError
 from moe_jax.models import Transformer
-from moe_jax.parallel import BATCH_AXES
-from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
+from moe_jax.parallel.distributed import (
+    all_rows,
+    global_batch_array,
+    is_lead,
+    local_rows,
+    process_batch_slice,
+)
 from moe_jax.parallel.rules import Rules
-from moe_jax.rl.sampling import all_rows
 from moe_jax.train import config_tree
 from moe_jax.train import workdir as workdir_format
 from moe_jax.train.context import load_model
@@ -143,11 +146,11 @@ def write_topk_cache(teacher: Teacher, traces: str, directory: str, *, k: int, s
     topk_fn = make_topk_fn(teacher, k, mesh, rules)
     rows += -rows % jax.device_count()
     local = process_batch_slice(rows)
-    is_lead = jax.process_index() == 0
+    lead = is_lead()
     path = os.path.join(directory, CACHE_FILE)
-    if is_lead:
+    if lead:
         os.makedirs(directory, exist_ok=True)
-    writer = ArrayRecordWriter(path + ".tmp", "group_size:1") if is_lead else None
+    writer = ArrayRecordWriter(path + ".tmp", "group_size:1") if lead else None
     tokens = 0
     try:
         for start in range(0, len(examples), rows):
@@ -167,15 +170,10 @@ def write_topk_cache(teacher: Teacher, traces: str, directory: str, *, k: int, s
     info = {"k": width, "records": len(examples), "tokens": tokens, "bytes": tokens * width * 8,
             "bytes_per_token": width * 8, "full_logits_bytes_per_token": teacher.model.cfg.vocab_size * 4,
             "traces": traces, "teacher": teacher.source}
-    if is_lead:
+    if lead:
         os.replace(path + ".tmp", path)
-        workdir_format.write_json_atomically(os.path.join(directory, CACHE_INFO_FILE), json.dumps(info, indent=2))
+        workdir_format.write_text_atomically(os.path.join(directory, CACHE_INFO_FILE), json.dumps(info, indent=2))
     return info
-
-
-def local_rows(out: Mapping[str, jax.Array], mesh: Mesh) -> dict[str, np.ndarray]:
-    """This process's rows of batch-sharded global arrays, on the host."""
-    return jax.device_get(multihost_utils.global_array_to_host_local_array(dict(out), mesh, PartitionSpec(BATCH_AXES)))
 
 
 def cached_examples(traces: str, directory: str, tokenizer: Tokenizer, *, seq_len: int, k: int | None = None

@@ -37,6 +37,7 @@ from moe_jax.interop.hf_config import (
 )
 from moe_jax.interop.safetensors_io import PendingTensor, SafetensorsFolder, write_folder
 from moe_jax.models import Transformer
+from moe_jax.parallel.distributed import all_rows, is_lead
 from moe_jax.parallel.rules import active_mesh_and_rules, state_shardings
 
 CONFIG_FILE = "config.json"
@@ -230,8 +231,7 @@ def load_hf_into(model: Transformer, folder: str, *, allow_nonfinite: bool = Fal
 def _to_host(array: jax.Array) -> np.ndarray:
     if array.is_fully_addressable:
         return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(all_rows(array))
 
 
 def save_hf(model: Transformer, cfg: ModelConfig | None, folder: str, *, family: str | None = None,
@@ -274,7 +274,7 @@ def save_hf(model: Transformer, cfg: ModelConfig | None, folder: str, *, family:
             pending.append(PendingTensor(name, shape, np.dtype(np.float32) if rule.keep_fp32 else out_dtype,
                                          produce))
     files: list[str] = []
-    if jax.process_index() == 0:
+    if is_lead():
         files = write_folder(folder, pending, max_shard_bytes)
         with open(os.path.join(folder, CONFIG_FILE), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)

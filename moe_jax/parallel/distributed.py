@@ -5,14 +5,21 @@ Open MPI GPU clusters JAX detects everything itself; elsewhere pass the coordina
 and this process's id). Each process then loads only its slice of every global batch
 (`process_batch_slice`, or grain's `ShardOptions` from `grain_shard_options`), and
 `global_batch_array` assembles the per-process pieces into one globally sharded array.
+
+Every multi-process helper lives here: which process writes shared files (`is_lead`), waiting for
+every process (`sync`), and the gathers of rows (`all_rows`: every process's host rows everywhere;
+`local_rows`: this process's rows of a global array).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import grain.python as grain
 import jax
 import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax.parallel.mesh import BATCH_AXES
@@ -77,3 +84,25 @@ def global_batch_array(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
     """One global array, batch-sharded over the mesh's batch axes, from each process's rows."""
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     return jax.make_array_from_process_local_data(sharding, local_rows)
+
+
+def is_lead() -> bool:
+    """Whether this process writes the files every process shares (the others wait at `sync`)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Every process waits here until all have arrived (nothing on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def all_rows(local: Any) -> Any:
+    """A pytree of per-process host arrays (or global arrays), every process's rows concatenated in
+    process order (the global batch's row order) on every process; the identity on one process."""
+    return local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True)
+
+
+def local_rows(out: Any, mesh: Mesh) -> Any:
+    """This process's rows of a pytree of batch-sharded global arrays, on the host."""
+    return jax.device_get(multihost_utils.global_array_to_host_local_array(out, mesh, PartitionSpec(BATCH_AXES)))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from moe_jax.configs import ModelConfig, get_preset
-from moe_jax.data.tasks import make_task
+from moe_jax.data.tasks import Task, make_task
 from moe_jax.errors import InputError
 from moe_jax.models.sampler import SamplingConfig
 from moe_jax.rl.config import GRPOConfig
@@ -177,6 +177,9 @@ class PipelineConfig(config_tree.TreeConfig):
                 raise InputError(f"PipelineConfig.{stage}: {e}") from None
             object.__setattr__(self, stage, run)
         make_task(mixture, **parse_options(mixed_options))  # a bad option fails here, naming the field above
+
+    def non_reasoning_task(self) -> Task:
+        return make_task(self.non_reasoning, **parse_options(self.non_reasoning_options))
 
     def mixture(self) -> tuple[str, str]:
         """(task, task_options) of the reasoning task mixed with the non-reasoning one."""

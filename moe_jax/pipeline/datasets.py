@@ -16,7 +16,7 @@ from moe_jax.data.records import write_array_record, write_jsonl
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.template import format_response
 from moe_jax.errors import InputError
-from moe_jax.train.workdir import write_json_atomically
+from moe_jax.train.workdir import write_text_atomically
 
 DATA_FILE, ARRAY_RECORD_FILE, STATS_FILE = "data.jsonl", "data.array_record", "stats.json"
 REJECTED_FILE = "rejected.jsonl"  # what the filters removed, and why (for a person to read)
@@ -73,9 +73,9 @@ def write_dataset(directory: str, records: Sequence[dict[str, Any]], stats: dict
     if len(records) > array_record_above:
         path = os.path.join(directory, ARRAY_RECORD_FILE)
         write_array_record(path, records)
-    write_json_atomically(os.path.join(directory, REJECTED_FILE),
+    write_text_atomically(os.path.join(directory, REJECTED_FILE),
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
-    write_json_atomically(os.path.join(directory, STATS_FILE), json.dumps(stats, indent=2, sort_keys=True))
+    write_text_atomically(os.path.join(directory, STATS_FILE), json.dumps(stats, indent=2, sort_keys=True))
     return path
 
 

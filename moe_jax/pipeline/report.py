@@ -27,14 +27,15 @@ from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models import Transformer
 from moe_jax.models.sampler import SamplingConfig
+from moe_jax.parallel.distributed import is_lead
 from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline.config import ReportConfig
-from moe_jax.rl.config import GRPOConfig
+from moe_jax.pipeline.executor import step_key
 from moe_jax.rl.sampling import sample_problems
 from moe_jax.train.evaluation import heldout_seed
 from moe_jax.train.experiment_config import RunConfig
-from moe_jax.train.metrics import read_metrics
-from moe_jax.train.workdir import read_json, write_json_atomically
+from moe_jax.train.metrics import METRICS_FILE, read_metrics
+from moe_jax.train.workdir import read_json, write_text_atomically
 
 RESULTS_MD, RESULTS_CSV, RESULTS_PNG = "results.md", "results.csv", "results.png"
 REPORT_FILE = "report.json"  # a stage's measures, cached under its key
@@ -76,27 +77,24 @@ def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: R
     return row
 
 
-def cached_measures(stage_dir: str, key: Sequence[str], measure_fn: Callable[[], dict[str, float]]
-                    ) -> dict[str, float]:
-    """`measure_fn()` of the model in `stage_dir`, computed once per `key` (the stage's key and the
-    report settings') and kept in its `report.json` (written by the lead process)."""
-    cached = read_json(os.path.join(stage_dir, REPORT_FILE))
-    if cached is None or cached.get("key") != list(key):
-        cached = {"key": list(key), "measures": measure_fn()}
-        if jax.process_index() == 0:
-            write_json_atomically(os.path.join(stage_dir, REPORT_FILE), json.dumps(cached, indent=2))
+def cached_measures(step_dir: str, step_keys: Sequence[str], settings: Any,
+                    measure_fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """`measure_fn()` of the model in `step_dir`, computed once per step key (any of `step_keys`,
+    the keys its folder answers to) and report `settings`, kept in its `report.json` (written by
+    the lead process)."""
+    settings_key = step_key(settings, [])
+    cached = read_json(os.path.join(step_dir, REPORT_FILE))
+    if cached is None or cached["key"][0] not in step_keys or cached["key"][1] != settings_key:
+        cached = {"key": [step_keys[0], settings_key], "measures": measure_fn()}
+        if is_lead():
+            write_text_atomically(os.path.join(step_dir, REPORT_FILE), json.dumps(cached, indent=2))
     return cached["measures"]
 
 
-def stage_tokens(stage_dir: str, cfg: RunConfig) -> int:
-    """Tokens a stage's run processed: rows × seq_len per step for a language-model run; the
-    completion tokens it sampled for an RL run (from its metrics)."""
-    if isinstance(cfg, GRPOConfig):
-        path = os.path.join(stage_dir, "metrics.jsonl")
-        records = read_metrics(path) if os.path.exists(path) else []
-        return int(sum(r["completions/mean_length"] * cfg.batch_size for r in records
-                       if "completions/mean_length" in r))
-    return cfg.steps * cfg.batch_size * cfg.seq_len
+def run_tokens(step_dir: str, cfg: RunConfig) -> int:
+    """Tokens the run in `step_dir` processed (`RunConfig.tokens_processed` of its metrics)."""
+    path = os.path.join(step_dir, METRICS_FILE)
+    return cfg.tokens_processed(read_metrics(path) if os.path.exists(path) else [])
 
 
 COLUMNS = ("stage", "accuracy/{task}", "pass@{k}", "format", "language", "language_mixed", "length_correct",
@@ -117,13 +115,13 @@ def write_results(workdir: str, rows: Mapping[str, Mapping[str, Any]], columns: 
     lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for stage, row in rows.items():
         lines.append("| " + " | ".join(cell({**row, "stage": stage}.get(c)) for c in columns) + " |")
-    write_json_atomically(os.path.join(workdir, RESULTS_MD), "\n".join(lines) + "\n")
+    write_text_atomically(os.path.join(workdir, RESULTS_MD), "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(columns)
     for stage, row in rows.items():
         writer.writerow([cell({**row, "stage": stage}.get(c)) for c in columns])
-    write_json_atomically(os.path.join(workdir, RESULTS_CSV), buffer.getvalue())
+    write_text_atomically(os.path.join(workdir, RESULTS_CSV), buffer.getvalue())
     plot_results(os.path.join(workdir, RESULTS_PNG), rows, [c for c in columns if c != "stage"])
 
 

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from moe_jax.pipeline.report import RESULTS_CSV
-from moe_jax.train.metrics import read_metrics
+from moe_jax.rl.config import MEAN_LENGTH
+from moe_jax.stats import summarize
+from moe_jax.train.metrics import METRICS_FILE, read_metrics
 
 WINDOW = 5  # steps averaged at the start and at the end of a run's curve
 
@@ -29,16 +31,16 @@ def _table(workdir: str) -> dict[str, dict[str, float]]:
 
 
 def _mean_std(values: Sequence[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
+    summary = summarize(values)
+    if not summary.n:
         return ""
-    mean, std = np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0
+    mean, std = summary.mean, summary.std
     places = 3 if abs(mean) <= 1 else 1 if abs(mean) < 1000 else 0  # rates, lengths and seconds, token counts
     return f"{mean:.{places}f} ± {std:.{places}f}"
 
 
 def _curve(workdir: str, stage: str, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(os.path.join(workdir, stage, "metrics.jsonl")) if key in r}
+    return {r["step"]: r[key] for r in read_metrics(os.path.join(workdir, stage, METRICS_FILE)) if key in r}
 
 
 def _ends(curve: dict[int, float]) -> tuple[float, float]:
@@ -57,7 +59,7 @@ def stage2_measures(workdir: str) -> dict[str, Any]:
                                 "r1_zero_accuracy": [zero[s] for s in shared]}
     last = max(_curve(workdir, "reasoning_rl", "reward"))
     for stage in ("reasoning_rl", "r1_zero"):
-        for key, name in (("rewards/accuracy/mean", "reward"), ("completions/mean_length", "length")):
+        for key, name in (("rewards/accuracy/mean", "reward"), (MEAN_LENGTH, "length")):
             curve = {s: v for s, v in _curve(workdir, stage, key).items() if s <= last}
             measures[f"{stage}_{name}_first_last"] = _ends(curve)
     return measures

@@ -14,7 +14,7 @@ notebook is a GRPO run.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from moe_jax.models.sampler import SamplingConfig
@@ -29,6 +29,8 @@ from moe_jax.train.experiment_config import (
     check_positive,
     config_error,
 )
+
+MEAN_LENGTH = "completions/mean_length"  # the metric of a step's mean completion length (tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,3 +153,13 @@ class GRPOConfig(RunConfig):
     @property
     def prompts_per_step(self) -> int:
         return self.batch_size // self.group_size
+
+    @property
+    def prompts_consumed(self) -> int:
+        """How many prompts of its stream the run poses at most: every step's batch, and with
+        dynamic sampling up to `max_resamples` more batches a step."""
+        return self.steps * self.prompts_per_step * (1 + self.max_resamples * self.dynamic_sampling)
+
+    def tokens_processed(self, metrics: Sequence[Mapping[str, Any]]) -> int:
+        """The completion tokens the run sampled (its logged mean completion lengths)."""
+        return int(sum(r[MEAN_LENGTH] * self.batch_size for r in metrics if MEAN_LENGTH in r))

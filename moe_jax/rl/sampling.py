@@ -12,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax.data.pipelines import prompt_ids
@@ -25,8 +23,8 @@ from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models import Transformer
 from moe_jax.models.refill_sampler import jit_generate_stream
 from moe_jax.models.sampler import SamplingConfig, jit_generate
-from moe_jax.parallel import BATCH_AXES, use_mesh
-from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
+from moe_jax.parallel import use_mesh
+from moe_jax.parallel.distributed import all_rows, global_batch_array, local_rows, process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.rl import rewards
 from moe_jax.train.evaluation import completion_text, left_padded_prompts
@@ -43,12 +41,6 @@ class ScoredSamples:
     texts: list[str]
     scores: dict[str, np.ndarray]
     sampling_s: float
-
-
-def all_rows(local: Any) -> Any:
-    """This pytree of per-process host arrays, every process's rows concatenated in process order
-    (the global batch's row order); the identity on one process."""
-    return local if jax.process_count() == 1 else multihost_utils.process_allgather(local, tiled=True)
 
 
 @dataclasses.dataclass
@@ -101,8 +93,7 @@ def stream_problems(policy: Transformer, task: Task, problems: Sequence[Problem]
                                   max_new_tokens=sampling.max_new_tokens, eos_id=tokenizer.eos_id,
                                   pad_id=tokenizer.pad_id, rng=key, temperature=sampling.temperature,
                                   top_p=sampling.top_p, top_k=sampling.top_k)
-    host = {name: np.asarray(multihost_utils.process_allgather(out[name], tiled=True))
-            for name in ("tokens", "lengths", "truncated")}
+    host = jax.tree.map(np.asarray, all_rows({name: out[name] for name in ("tokens", "lengths", "truncated")}))
     return SampledProblems(host["tokens"], host["lengths"], host["truncated"])
 
 
@@ -129,8 +120,7 @@ def sample_and_score(policy: Transformer, prompt_tokens_PxL: np.ndarray, prompt_
     with use_mesh(mesh, rules):
         out = jit_generate(policy, global_batch_array(prompt_BxL, mesh), global_batch_array(segments_BxL, mesh),
                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rng=key, **sampling.generate_kwargs())
-    local_out = multihost_utils.global_array_to_host_local_array(out, mesh, PartitionSpec(BATCH_AXES))
-    rollout = {"prompt": prompt_BxL, "prompt_segments": segments_BxL, **jax.device_get(local_out)}
+    rollout = {"prompt": prompt_BxL, "prompt_segments": segments_BxL, **local_rows(out, mesh)}
     sampling_s = time.perf_counter() - start
     texts = [completion_text(tokenizer, row) for row in rollout["tokens"]]
     scores = score_texts(task, [p for p in problems for _ in range(G)], texts, reward_weights)

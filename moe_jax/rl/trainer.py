@@ -23,19 +23,19 @@ from jax.sharding import Mesh
 from moe_jax.data.pipelines import longest_prompt, problem_at, rl_prompt_batches
 from moe_jax.data.tasks import Task
 from moe_jax.data.tokenizer import Tokenizer
-from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
+from moe_jax.parallel.distributed import all_rows, global_batch_array, process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.rl import grpo
-from moe_jax.rl.config import GRPOConfig
+from moe_jax.rl.config import MEAN_LENGTH, GRPOConfig
 from moe_jax.rl.health import HealthMonitor
 from moe_jax.rl.policy import completion_width, rollout_rows
 from moe_jax.rl.rewards import parse_reward_weights
-from moe_jax.rl.sampling import all_rows, sample_and_score
+from moe_jax.rl.sampling import sample_and_score
 from moe_jax.rl.step import make_grpo_step, make_logprob_fn
 from moe_jax.train import driver
 from moe_jax.train.context import RunContext
 from moe_jax.train.evaluation import Evaluator
-from moe_jax.train.experiment_config import config_error
+from moe_jax.train.experiment_config import config_error, require_class
 
 
 def reward_metrics(scores: dict[str, np.ndarray], group_size: int) -> dict[str, float]:
@@ -76,7 +76,7 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
             step=stepper, state=state, data=prompts, data_key="prompts",
             evaluate=Evaluator(cfg, context.task, context.tokenizer, mesh), evaluate_at_start=True,
             progress_keys={"reward": "reward", "eval/accuracy": "acc"}, check=HealthMonitor(cfg.health),
-            plot_keys=["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length", "kl",
+            plot_keys=["reward", "eval/accuracy", "rewards/format/mean", MEAN_LENGTH, "kl",
                        "entropy", "clip_ratio/region_mean", "grad_norm"])
 
     return build
@@ -87,6 +87,7 @@ def train_grpo(cfg: GRPOConfig, workdir: str, *, mesh_spec: str | None = None,
                allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) GRPO in `workdir` (`driver.run`'s contract). `init_from` gives the starting
     policy, which is also the frozen reference when `loss.beta` > 0 (then it is read on resume too)."""
+    require_class(cfg, GRPOConfig, "train_grpo")
     return driver.run(cfg, workdir, grpo_run(cfg), mesh_spec=mesh_spec, init_from=init_from,
                       init_from_on_resume=cfg.loss.beta > 0, hooks=hooks, allow_config_change=allow_config_change)
 
@@ -184,7 +185,7 @@ class GRPOStepper:
         t3 = time.perf_counter()
         host["loss"] = host["policy_loss"]
         lengths_B = first["lengths"]
-        host.update({"completions/mean_length": float(lengths_B.mean()),
+        host.update({MEAN_LENGTH: float(lengths_B.mean()),
                      "completions/clipped_ratio": float(first["truncated"].mean()),
                      "time/sampling": sampling_s, "time/scoring": t2 - t0 - sampling_s, "time/training": t3 - t2,
                      "tokens_per_s": float(lengths_B.sum()) / (t3 - t0)})

@@ -24,7 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
+
+from moe_jax.parallel.distributed import all_rows, is_lead, sync
 
 CHECKSUMS = "_checksums"  # key of the checksums inside the checkpoint's JSON item
 MODULUS = 65521  # position weights cycle through 1..MODULUS (a prime, as in Adler-32)
@@ -64,7 +65,7 @@ def _all_processes_agree(ok: bool) -> bool:
     """Whether `ok` holds on every process (a damaged file may fail one process's shard only)."""
     if jax.process_count() == 1:
         return ok
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+    return bool(np.all(all_rows(np.asarray([ok], np.int32))))
 
 
 class Checkpointer:
@@ -123,12 +124,12 @@ class Checkpointer:
     def _move_aside(self, step: int, reason: str) -> None:
         """Move a damaged step out of the run's checkpoints (kept, never deleted)."""
         target = os.path.join(self.damaged_dir, str(step))
-        if jax.process_index() == 0:
+        if is_lead():
             os.makedirs(self.damaged_dir, exist_ok=True)
             if os.path.exists(target):
                 shutil.rmtree(target)  # an older copy of the same step, moved aside before
             shutil.move(os.path.join(self.directory, str(step)), target)
-        multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+        sync(f"moved aside checkpoint {step}")
         self.manager.reload()
         logging.warning("checkpoint step %d is damaged (%s): moved to %s", step, reason, target)
 

@@ -3,6 +3,13 @@
 A run's config is a tree (`ExperimentConfig.optimizer.learning_rate`, `GRPOConfig.sampling.
 temperature`, `...teacher.model.n_layers`); these helpers walk it to any depth, so the flag layer,
 `config.json` and the workdir's conflict check need no per-field code.
+
+A config's **identity** is what decides whether two runs (or two graph steps) compute the same
+thing. It is declared once, on the fields: `not_identity(default, why)` marks a field that changes
+only how a run goes (cadence, layout, budgets, logging), and `added(default)` a field added after
+runs existed, whose default computes what was computed before it (left out of the identity at that
+value, so older runs and steps keep their identity). The run driver's resume check and the
+executor's step keys both read it (`identity`, `non_identity_paths`).
 """
 
 from __future__ import annotations
@@ -12,6 +19,73 @@ import functools
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+from moe_jax.errors import InputError
+
+_IDENTITY, _NEUTRAL = "identity", "neutral"
+
+
+def not_identity(default: Any = dataclasses.MISSING, *, why: str, default_factory: Any = dataclasses.MISSING
+                 ) -> Any:
+    """A dataclass field that does not change what a run computes (`why` says what it changes):
+    a resumed run may change it, and a graph step's key leaves it out."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_IDENTITY: False, "why": why})
+
+
+def added(default: Any) -> Any:
+    """A dataclass field added after runs existed, whose `default` computes what runs computed before
+    it: at that value it is left out of the identity, so those runs' keys stay as they were."""
+    return dataclasses.field(default=default, metadata={_NEUTRAL: default})
+
+
+def _is_identity(field: dataclasses.Field, value: Any) -> bool:
+    if not field.metadata.get(_IDENTITY, True):
+        return False
+    return not (_NEUTRAL in field.metadata and value == field.metadata[_NEUTRAL])
+
+
+def identity(tree: Any) -> Any:
+    """The JSON-able identity of a config tree (dataclasses, mappings, sequences, scalars): every
+    field but those `not_identity` declares and those `added` at their neutral value."""
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return {f.name: identity(getattr(tree, f.name)) for f in dataclasses.fields(tree)
+                if _is_identity(f, getattr(tree, f.name))}
+    if isinstance(tree, Mapping):
+        return {str(k): identity(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [identity(v) for v in tree]
+    return tree
+
+
+def as_json(tree: Any) -> Any:
+    """`identity`'s shape with every field kept (what a person reads in a step's record)."""
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return {f.name: as_json(getattr(tree, f.name)) for f in dataclasses.fields(tree)}
+    if isinstance(tree, Mapping):
+        return {str(k): as_json(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [as_json(v) for v in tree]
+    return tree
+
+
+def non_identity_paths(tree: Any, prefix: str = "") -> set[str]:
+    """The dotted paths (in `as_json(tree)`) that `identity(tree)` leaves out."""
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        paths = set()
+        for f in dataclasses.fields(tree):
+            value = getattr(tree, f.name)
+            paths |= {prefix + f.name} if not _is_identity(f, value) else non_identity_paths(value, f"{prefix}{f.name}.")
+        return paths
+    if isinstance(tree, Mapping):
+        return set().union(*(non_identity_paths(v, f"{prefix}{k}.") for k, v in tree.items()))
+    return set()
+
+
+def without_paths(tree: Any, paths: set[str], prefix: str = "") -> Any:
+    """A JSON tree (e.g. a config saved before today's identity was declared) without `paths`."""
+    if not isinstance(tree, Mapping):
+        return tree
+    return {k: without_paths(v, paths, f"{prefix}{k}.") for k, v in tree.items() if prefix + k not in paths}
 
 
 @functools.cache
@@ -105,7 +179,9 @@ def check_type(cls: type, name: str, value: Any, prefix: str = "") -> None:
 def override(config: Any, changes: Mapping[str, Any], prefix: str = "") -> Any:
     """A copy of `config` with `changes` applied: dotted paths (`"optimizer.learning_rate"`) or
     nested dicts, to any depth; a changed part keeps its other fields. Every changed dataclass
-    re-validates; an unknown field raises a ValueError listing the valid ones."""
+    re-validates (a part's error names the path the change was given at, e.g. `sft.steps`, not
+    the class field `ExperimentConfig.steps`); an unknown field raises a ValueError listing the
+    valid ones."""
     cls = type(config)
     tree = nest(changes)
     check_known(cls, tree, prefix)
@@ -116,7 +192,14 @@ def override(config: Any, changes: Mapping[str, Any], prefix: str = "") -> Any:
         elif nested_class(cls, name) is None:
             check_type(cls, name, value, prefix)
         direct[name] = value
-    return dataclasses.replace(config, **direct)
+    try:
+        return dataclasses.replace(config, **direct)
+    except ValueError as e:  # a config's own check (InputError, or a model/sampling config's ValueError)
+        field, colon, problem = str(e).partition(": ")
+        owner, _, name = field.partition(".")
+        if not (prefix and colon and owner == type(config).__name__):
+            raise
+        raise InputError(f"{prefix}{name} ({field}): {problem}") from None
 
 
 def differences(saved: Mapping[str, Any], new: Mapping[str, Any], skip: tuple[str, ...] = (),

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moe_jax.configs import ModelConfig
-from moe_jax.data.tasks import Task, make_task
+from moe_jax.data.tasks import Task
 from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
 from moe_jax.errors import InputError
 from moe_jax.models import Transformer
@@ -20,7 +20,7 @@ from moe_jax.parallel import init_sharded, make_mesh, parse_rules
 from moe_jax.parallel.rules import Rules
 from moe_jax.train import workdir as workdir_format
 from moe_jax.train.checkpoint import Checkpointer
-from moe_jax.train.experiment_config import RunConfig, parse_options
+from moe_jax.train.experiment_config import RunConfig, run_task
 from moe_jax.train.optimizer import make_optimizer, run_schedule
 
 
@@ -68,7 +68,7 @@ def make_context(cfg: RunConfig, mesh_spec: str | None = None, tokenizer: str | 
     if loaded.vocab_size > cfg.model.vocab_size:
         raise InputError(f"{type(cfg).__name__}.model.vocab_size: {cfg.model.vocab_size} < the tokenizer's "
                          f"{loaded.vocab_size} ids. Fix: --config.model.vocab_size={loaded.vocab_size}")
-    task = make_task(cfg.task, **parse_options(cfg.task_options))
+    task = run_task(cfg)
     model, optimizer = init_model_and_optimizer(cfg, mesh)
     return RunContext(cfg, mesh, parse_rules(cfg.sharding_rules), loaded, task, model, optimizer)
 

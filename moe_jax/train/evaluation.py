@@ -13,14 +13,13 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from moe_jax.data.pipelines import packed_batches, problem_at, prompt_ids, task_examples
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models.sampler import SamplingConfig, jit_generate
-from moe_jax.parallel.distributed import global_batch_array
+from moe_jax.parallel.distributed import all_rows, global_batch_array
 from moe_jax.parallel.rules import parse_rules, use_mesh
 from moe_jax.train.experiment_config import RunConfig
 
@@ -89,7 +88,7 @@ class Evaluator:
         with use_mesh(self.mesh, self.rules):
             out = jit_generate(model, *self.prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                                **self.sampling.generate_kwargs())
-        tokens_BxN = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))
+        tokens_BxN = np.asarray(all_rows(out["tokens"]))
         return [completion_text(self.tokenizer, row) for row in tokens_BxN]
 
     def __call__(self, model: nnx.Module) -> dict[str, float]:

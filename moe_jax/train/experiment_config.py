@@ -17,22 +17,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from moe_jax.configs import ModelConfig
-from moe_jax.data.tasks import TASKS, make_task
+from moe_jax.data.tasks import TASKS, Task, make_task
 from moe_jax.data.template import TEMPLATES
 from moe_jax.errors import InputError
 from moe_jax.parallel.rules import parse_rules
 from moe_jax.train import config_tree
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
-# Paths that only change how often things happen, not the numbers a run computes (a resumed run
-# may change them without being a different experiment), and paths that only say where the numbers
-# live on the devices (like `--mesh`).
-CADENCE_FIELDS = ("loop.eval_every", "loop.checkpoint_every", "loop.keep_checkpoints")
-LAYOUT_FIELDS = ("sharding_rules",)
+_CADENCE = "how often the run evaluates or saves, not the numbers it computes"
 
 
 def config_error(cfg: object, field: str, problem: str, fix: str) -> InputError:
@@ -77,14 +73,14 @@ class OptimizerConfig:
 class LoopConfig:
     """How often the loop evaluates and saves, and what its evaluation samples."""
 
-    eval_every: int = 200
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
+    eval_every: int = config_tree.not_identity(200, why=_CADENCE)
+    checkpoint_every: int = config_tree.not_identity(200, why=_CADENCE)
+    keep_checkpoints: int = config_tree.not_identity(3, why="how many checkpoints stay on disk")
     eval_problems: int = 64  # held-out problems for greedy task accuracy
     eval_max_new_tokens: int = 64
     # A wall-clock budget: the run ends (saved, DONE) after the step during which its wall time,
     # every attempt's setup, steps and evaluations together, reaches it. 0: no budget.
-    max_seconds: float = 0.0
+    max_seconds: float = config_tree.not_identity(0.0, why="a budget: when the run stops, not what a step computes")
 
     def __post_init__(self) -> None:
         check_positive(self, "eval_every", "checkpoint_every", "keep_checkpoints", "eval_problems",
@@ -133,7 +129,8 @@ class RunConfig:
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     microbatches: int = 1  # gradient accumulation: the batch is split into this many scans
     compute_dtype: str = "auto"  # activations; "auto" = bfloat16 on GPU/TPU, float32 on CPU
-    sharding_rules: str = ""  # overrides of the logical-axis rules, e.g. "embed=None,mlp=fsdp+tensor"
+    # overrides of the logical-axis rules, e.g. "embed=None,mlp=fsdp+tensor"
+    sharding_rules: str = config_tree.not_identity("", why="where the numbers live on the devices (like --mesh)")
 
     def __post_init__(self) -> None:
         validate_run(self)
@@ -142,6 +139,11 @@ class RunConfig:
     def updates_per_step(self) -> int:
         """Optimizer updates one step makes (GRPO: μ × minibatches); the schedule counts updates."""
         return 1
+
+    def tokens_processed(self, metrics: Sequence[Mapping[str, Any]]) -> int:
+        """Tokens the run trained on, given its `metrics.jsonl` records: rows × seq_len per step."""
+        del metrics
+        return self.steps * self.batch_size * self.seq_len
 
     def replace_model(self, **changes: Any) -> RunConfig:
         """A copy with `model` fields changed (both configs re-validate)."""
@@ -180,6 +182,19 @@ class ExperimentConfig(RunConfig):
     # .array_record file, or a glob of them
     data: str = ""
     corpus: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)
+
+
+def run_task(run: RunConfig) -> Task:
+    """The task a run trains and evaluates on (its `task` with its `task_options`)."""
+    return make_task(run.task, **parse_options(run.task_options))
+
+
+def require_class(cfg: RunConfig, cls: type[RunConfig], runner: str) -> None:
+    """A runner trains its own config class, not a subclass that carries other parts (a
+    `KDRunConfig` handed to `train` would silently lose its `kd` objective)."""
+    if type(cfg) is not cls:
+        raise InputError(f"{runner} trains a {cls.__name__}, not a {type(cfg).__name__}. Fix: use the runner of "
+                         f"{type(cfg).__name__} (moe_jax.runs.runner_for)")
 
 
 def parse_options(options: str, field: str = "ExperimentConfig.task_options") -> dict[str, int | float | str]:
@@ -232,13 +247,14 @@ def validate_run(cfg: RunConfig) -> None:
     if any(name not in TASKS for name in task_names):
         _fail("task", f"unknown task {cfg.task!r}", f"use one of {sorted(TASKS)}, or several joined by '+'")
     try:
-        make_task(cfg.task, **parse_options(cfg.task_options))
+        run_task(cfg)
     except (TypeError, ValueError) as e:
         _fail("task_options", f"{cfg.task_options!r} is not valid for task {cfg.task!r} ({e})",
               "use the knobs of " + ", ".join(f"{TASKS[name].__name__}.__init__" for name in task_names))
 
 
-def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human-readable `path: saved -> new` lines for every field that differs, skipping the
-    cadence and layout fields a resumed run may change."""
-    return config_tree.differences(saved, new, skip=CADENCE_FIELDS + LAYOUT_FIELDS)
+def config_differences(saved: Mapping[str, Any], new: RunConfig) -> list[str]:
+    """Human-readable `path: saved -> new` lines for every field that differs, but those outside
+    the run's identity (`config_tree.not_identity`: cadence, layout, budgets), which a resumed run
+    may change."""
+    return config_tree.differences(saved, new.to_dict(), skip=tuple(config_tree.non_identity_paths(new)))

@@ -4,7 +4,9 @@
 exits in any way (a crash or SIGKILL included), so a lock left by a dead run is never stale: the
 next run takes it over and says whose it was. The file also names the holder (host, pid, start
 time) for the message a second run exits with. On a multi-process run the lead process alone
-takes the lock and tells the others whether it got it, so none of them hangs waiting.
+takes the lock and tells the others whether it got it, so none of them hangs waiting. A process
+that holds a workdir may enter it again (a graph step holds its folder while the run inside it
+takes the same lock).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from moe_jax.parallel.distributed import is_lead
+
 LOCK_FILE = "LOCK"
+_HELD: dict[str, int] = {}  # the workdirs this process holds -> how many `with` blocks hold each
 
 
 class WorkdirLockedError(RuntimeError):
@@ -78,6 +83,24 @@ def lock_workdir(workdir: str) -> Iterator[None]:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise NotADirectoryError(f"--workdir={workdir} is a file. Fix: give a directory (it is created "
                                  "if missing)")
+    held = os.path.realpath(workdir)
+    if held in _HELD:  # this process holds it already
+        _HELD[held] += 1
+        try:
+            yield
+        finally:
+            _HELD[held] -= 1
+        return
+    with _locked(workdir):
+        _HELD[held] = 1
+        try:
+            yield
+        finally:
+            del _HELD[held]
+
+
+@contextlib.contextmanager
+def _locked(workdir: str) -> Iterator[None]:
     if jax.process_count() == 1:
         os.makedirs(workdir, exist_ok=True)
         with _flock(workdir):
@@ -85,7 +108,7 @@ def lock_workdir(workdir: str) -> Iterator[None]:
         return
     with contextlib.ExitStack() as stack:
         error = None
-        if jax.process_index() == 0:
+        if is_lead():
             os.makedirs(workdir, exist_ok=True)
             try:
                 stack.enter_context(_flock(workdir))

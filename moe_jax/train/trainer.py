@@ -18,7 +18,7 @@ from moe_jax.parallel.distributed import global_batch_array, process_batch_slice
 from moe_jax.train import driver
 from moe_jax.train.context import RunContext
 from moe_jax.train.evaluation import Evaluator
-from moe_jax.train.experiment_config import ExperimentConfig
+from moe_jax.train.experiment_config import ExperimentConfig, require_class
 from moe_jax.train.step import LossFn, lm_loss, make_eval_step, make_train_step
 
 
@@ -58,6 +58,8 @@ def train(cfg: ExperimentConfig, workdir: str, *, mesh_spec: str | None = None,
           init_from: str | None = None, hooks: Sequence[driver.Hook] = (), loss_fn: LossFn = lm_loss,
           allow_config_change: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or resume) the run in `workdir` (`driver.run`'s contract); `init_from` (a workdir,
-    checkpoint path or `hf:<folder>`) supplies the starting weights of a new run."""
+    checkpoint path or `hf:<folder>`) supplies the starting weights of a new run. Only an
+    `ExperimentConfig` itself: a subclass (e.g. `KDRunConfig`) has its own runner."""
+    require_class(cfg, ExperimentConfig, "train")
     return driver.run(cfg, workdir, lm_run(loss_fn), mesh_spec=mesh_spec, init_from=init_from, hooks=hooks,
                       allow_config_change=allow_config_change)

@@ -9,6 +9,10 @@
     metrics.jsonl, tensorboard/, metrics.png    the run's record (`moe_jax.train.run_log`)
     DONE               written last, when the run has finished: its final step and metrics
 
+A graph's folder (`moe_jax.pipeline.executor`) holds a folder per step, each with its
+`stage.json` (key, inputs, config, outputs' digests, attempts), and `superseded/` for steps
+computed under another key; its results tables are `results.md|csv|png`.
+
 `--init_from`, `export_hf.py` and the pipeline read runs through these functions, so a finished
 run is recognised (`read_done`) without building a model.
 """
@@ -22,8 +26,7 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-
+from moe_jax.parallel.distributed import is_lead
 from moe_jax.train.experiment_config import RunConfig, config_differences
 
 CONFIG_FILE = "config.json"
@@ -32,13 +35,15 @@ CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"
 CONFIG_CHANGES_FILE = "config_changes.jsonl"
 DONE_FILE = "DONE"
+STEP_FILE = "stage.json"
+SUPERSEDED_DIR = "superseded"
 
 
 class ConfigConflictError(ValueError):
     """The workdir holds a run whose config differs from the one asked for."""
 
 
-def write_json_atomically(path: str, text: str) -> None:
+def write_text_atomically(path: str, text: str) -> None:
     """Write `text` to `path` whole or not at all (a kill mid-write leaves the old file)."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -59,8 +64,8 @@ def read_config(workdir: str) -> dict[str, Any] | None:
 
 
 def check_config(cfg: RunConfig, workdir: str, allowed: Sequence[str] = ()) -> list[str]:
-    """Refuse to mix runs: a saved `config.json` must agree with `cfg` (cadence and layout fields
-    aside), except at the paths `allowed` names (a path or a part, e.g. `optimizer`); returns
+    """Refuse to mix runs: a saved `config.json` must agree with `cfg` on the run's identity
+    (`config_tree.not_identity` fields aside: cadence, layout, budgets), except at the paths `allowed` names (a path or a part, e.g. `optimizer`); returns
     those allowed differences."""
     saved = read_config(workdir)
     if saved is None:
@@ -69,7 +74,7 @@ def check_config(cfg: RunConfig, workdir: str, allowed: Sequence[str] = ()) -> l
         saved = type(cfg).from_dict(saved).to_dict()
     except (TypeError, ValueError):
         pass  # compared as saved: the differences name what no longer fits
-    differences = config_differences(saved, cfg.to_dict())
+    differences = config_differences(saved, cfg)
     changed = [line for line in differences if _is_allowed(line.split(":", 1)[0], allowed)]
     refused = [line for line in differences if line not in changed]
     if refused:
@@ -97,18 +102,15 @@ def record_config_changes(workdir: str, step: int | None, changes: Sequence[str]
         os.remove(os.path.join(workdir, DONE_FILE))
 
 
-def prepare(cfg: RunConfig, workdir: str) -> bool:
-    """Write `config.json` and the copy of the tokenizer (from process 0; `check_config` first);
-    returns whether this process is the one that writes."""
+def prepare(cfg: RunConfig, workdir: str) -> None:
+    """Write `config.json` and the copy of the tokenizer (from the lead process; `check_config` first)."""
     os.makedirs(workdir, exist_ok=True)
-    is_lead = jax.process_index() == 0
-    if is_lead:
-        write_json_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
+    if is_lead():
+        write_text_atomically(os.path.join(workdir, CONFIG_FILE), cfg.to_json())
         source, copy = tokenizer_file(cfg.tokenizer), os.path.join(workdir, TOKENIZER_FILE)
         if source is not None and not os.path.exists(copy):  # the run keeps the tokenizer it started with
             shutil.copyfile(source, copy + ".tmp")
             os.replace(copy + ".tmp", copy)
-    return is_lead
 
 
 def tokenizer_file(name_or_path: str) -> str | None:
@@ -156,7 +158,7 @@ def mark_done(workdir: str, step: int, metrics: dict[str, Any]) -> None:
     """Write `DONE` (the final step and its scalar metrics): the last file a finished run writes."""
     record = {"step": step, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}}
-    write_json_atomically(os.path.join(workdir, DONE_FILE), json.dumps(record, indent=2, sort_keys=True))
+    write_text_atomically(os.path.join(workdir, DONE_FILE), json.dumps(record, indent=2, sort_keys=True))
 
 
 def read_done(workdir: str) -> dict[str, Any] | None:
