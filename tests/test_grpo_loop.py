@@ -104,3 +104,26 @@ def test_dynamic_sampling_keeps_informative_groups_and_tops_up_at_the_cap():
     assert [g.std() > 0 for g in groups] == [True, True, True, False]  # 3 informative, topped up
     out, n = _informative_groups(cfg, rollout(mixed * 4), sample_more)
     assert n == 1 and (out["reward"] == mixed * 4).all()
+
+
+def test_a_step_is_its_rollout_then_its_update():
+    """The rollout (sample, score, advantages → a batch) and the update, each run alone, make the
+    step the stepper makes: the same metrics and the same parameters after it."""
+    import jax
+
+    from moe_jax.rl.trainer import grpo_run
+    from moe_jax.train.context import make_context
+
+    cfg = override(CFG, {"loss.beta": 0.0})
+    steppers = [grpo_run(cfg)(make_context(cfg)) for _ in range(2)]  # equal inits, prompt streams
+    whole_state, whole = steppers[0].step(1, steppers[0].state)
+    stepper = steppers[1].step
+    rollout = stepper.rollout(1, steppers[1].state)
+    advantages_GxK = np.asarray(rollout.batch["advantages"]).reshape(-1, cfg.group_size)
+    np.testing.assert_allclose(advantages_GxK.mean(axis=1), 0.0, atol=1e-6)  # group-normalised
+    assert rollout.batch["tokens"].shape[0] == cfg.batch_size and rollout.completion_tokens > 0
+    split_state, split = stepper.update(steppers[1].state, rollout)
+    timings = {"time/sampling", "time/scoring", "time/training", "tokens_per_s"}
+    assert {k: v for k, v in whole.items() if k not in timings} == split
+    for a, b in zip(jax.tree.leaves(whole_state), jax.tree.leaves(split_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -114,9 +114,24 @@ def _informative_groups(cfg: GRPOConfig, first: dict[str, np.ndarray], sample_mo
 
 
 @dataclasses.dataclass
+class Rollout:
+    """One step's generation batch, ready for the update (tunix's training example): the global
+    `batch` arrays the GRPO step reads (tokens, segment ids, completion mask, old log-probs,
+    advantages, and the reference's log-probs when beta > 0), the host `metrics` of what was
+    sampled (rewards of the first sampled batch, completion lengths), the completion tokens of that
+    batch and the seconds sampling took."""
+
+    batch: dict[str, jax.Array]
+    metrics: dict[str, Any]
+    completion_tokens: int
+    sampling_s: float
+
+
+@dataclasses.dataclass
 class GRPOStepper:
-    """`stepper(step, state) -> (state, metrics)`: sample, score and update once. Reward metrics
-    describe the first sampled batch: the policy as it is, before any filtering."""
+    """`stepper(step, state) -> (state, metrics)`: `rollout` (sample, score, advantages → a
+    batch), then `update` (one jitted GRPO step). Reward metrics describe the first sampled batch:
+    the policy as it is, before any filtering."""
 
     cfg: GRPOConfig
     task: Task
@@ -130,36 +145,69 @@ class GRPOStepper:
     reference: tuple[Callable[[nnx.State, dict], jax.Array], nnx.State] | None = None
 
     def __call__(self, step: int, state: nnx.State) -> tuple[nnx.State, dict[str, Any]]:
-        cfg, mesh = self.cfg, self.mesh
-        t0 = time.perf_counter()
+        start = time.perf_counter()
+        rollout = self.rollout(step, state)
+        made = time.perf_counter()
+        state, metrics = self.update(state, rollout)
+        done = time.perf_counter()
+        metrics.update({"time/sampling": rollout.sampling_s, "time/scoring": made - start - rollout.sampling_s,
+                        "time/training": done - made, "tokens_per_s": rollout.completion_tokens / (done - start)})
+        return state, metrics
+
+    def rollout(self, step: int, state: nnx.State) -> Rollout:
+        """Step `step`'s generation batch from the policy in `state` (the sampling key of step N is
+        `fold_in(key(seed), N)`: a resumed run draws what an uninterrupted one would have)."""
+        cfg = self.cfg
         policy = nnx.merge(self.model_graphdef, state[0])
         step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        sampling_s, reward_weights = 0.0, parse_reward_weights(cfg.rewards)
+        sampling_s = [0.0]
 
         def sample(attempt: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-            """This process's share of a prompt batch, sampled and scored: (the rollout with its
-            total reward, every reward component). A group never spans processes."""
-            nonlocal sampling_s
-            batch = next(self.prompts)
-            scored = sample_and_score(
-                policy, batch["prompt_tokens"], batch["prompt_segment_ids"],
-                [problem_at(self.task, cfg.seed, int(i)) for i in batch["problem_index"]],
-                task=self.task, tokenizer=self.tokenizer, sampling=cfg.sampling, reward_weights=reward_weights,
-                key=jax.random.fold_in(step_key, attempt), mesh=mesh, rules=self.rules)
-            sampling_s += scored.sampling_s
-            scores = scored.scores
-            if cfg.loss.overlong_buffer:  # DAPO's soft overlong punishment, a reward of its own
-                scores["overlong"] = np.asarray(grpo.overlong_penalty(
-                    scored.rollout["lengths"], cfg.max_new_tokens, cfg.loss.overlong_buffer), np.float64)
-                scores["total"] = scores["total"] + scores["overlong"]
-            return {**scored.rollout, "reward": scores["total"]}, scores
+            rollout, scores, seconds = self._sample(policy, jax.random.fold_in(step_key, attempt))
+            sampling_s[0] += seconds
+            return rollout, scores
 
         rollout, scores = sample(0)
         first = all_rows({**scores, "lengths": rollout["lengths"], "truncated": rollout["truncated"]})
-        host: dict[str, Any] = reward_metrics({name: first[name] for name in scores}, cfg.group_size)
+        metrics: dict[str, Any] = reward_metrics({name: first[name] for name in scores}, cfg.group_size)
         if cfg.dynamic_sampling:
-            rollout, host["dynamic_sampling/batches"] = _informative_groups(
+            rollout, metrics["dynamic_sampling/batches"] = _informative_groups(
                 cfg, rollout, lambda attempt: sample(attempt)[0])
+        batch = self._training_batch(rollout)
+        metrics.update({MEAN_LENGTH: float(first["lengths"].mean()),
+                        "completions/clipped_ratio": float(first["truncated"].mean())})
+        return Rollout(batch, metrics, int(first["lengths"].sum()), sampling_s[0])
+
+    def update(self, state: nnx.State, rollout: Rollout) -> tuple[nnx.State, dict[str, Any]]:
+        """One jitted GRPO step (μ × minibatch updates) on the rollout's batch; its metrics on the host."""
+        state, metrics = self.grpo_step(state, rollout.batch)
+        host = {**rollout.metrics, **jax.device_get(metrics)}
+        host["loss"] = host["policy_loss"]
+        return state, host
+
+    def _sample(self, policy: nnx.Module, key: jax.Array) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+        """This process's share of the next prompt batch, sampled and scored: (the rollout with its
+        total reward, every reward component, the seconds sampling took). A group never spans
+        processes."""
+        cfg = self.cfg
+        batch = next(self.prompts)
+        scored = sample_and_score(
+            policy, batch["prompt_tokens"], batch["prompt_segment_ids"],
+            [problem_at(self.task, cfg.seed, int(i)) for i in batch["problem_index"]],
+            task=self.task, tokenizer=self.tokenizer, sampling=cfg.sampling,
+            reward_weights=parse_reward_weights(cfg.rewards), key=key, mesh=self.mesh, rules=self.rules)
+        scores = scored.scores
+        if cfg.loss.overlong_buffer:  # DAPO's soft overlong punishment, a reward of its own
+            scores["overlong"] = np.asarray(grpo.overlong_penalty(
+                scored.rollout["lengths"], cfg.max_new_tokens, cfg.loss.overlong_buffer), np.float64)
+            scores["total"] = scores["total"] + scores["overlong"]
+        return {**scored.rollout, "reward": scores["total"]}, scores, scored.sampling_s
+
+    def _training_batch(self, rollout: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The GRPO step's global batch from this process's rollout rows: group advantages, the
+        completions trimmed to the longest one (the same width on every process), prompt and
+        completion as one row, and the reference's log-probs when beta > 0."""
+        cfg = self.cfg
         # "batch" scaling needs every process's rewards (each process keeps its own rows'
         # advantages), and the trimmed width must be the same on every process.
         kept = all_rows({"reward": rollout["reward"], "lengths": rollout["lengths"]})
@@ -174,19 +222,8 @@ class GRPOStepper:
                                                    completion["tokens"], completion["mask"])
         local = {"tokens": tokens_BxS, "segment_ids": segment_ids_BxS, "mask": mask_BxN,
                  "old_logp": completion["logprobs"], "advantages": advantages_B}
-        batch = {name: global_batch_array(np.asarray(rows), mesh) for name, rows in local.items()}
+        batch = {name: global_batch_array(np.asarray(rows), self.mesh) for name, rows in local.items()}
         if self.reference is not None:
             logprob_fn, reference_state = self.reference
             batch["ref_logp"] = logprob_fn(reference_state, batch)
-        t2 = time.perf_counter()
-
-        state, metrics = self.grpo_step(state, batch)
-        host.update(jax.device_get(metrics))
-        t3 = time.perf_counter()
-        host["loss"] = host["policy_loss"]
-        lengths_B = first["lengths"]
-        host.update({MEAN_LENGTH: float(lengths_B.mean()),
-                     "completions/clipped_ratio": float(first["truncated"].mean()),
-                     "time/sampling": sampling_s, "time/scoring": t2 - t0 - sampling_s, "time/training": t3 - t2,
-                     "tokens_per_s": float(lengths_B.sum()) / (t3 - t0)})
-        return state, host
+        return batch
