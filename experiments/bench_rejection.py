@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from moe_jax import config_flags
-from moe_jax.data.pipelines import prompt_ids
+from moe_jax.data.pipelines import left_padded_prompts, prompt_ids
 from moe_jax.data.tokenizer import CharTokenizer
 from moe_jax.models import init_cache
 from moe_jax.models.sampler import SamplingConfig, jit_generate
@@ -34,7 +34,6 @@ from moe_jax.pipeline import datasets
 from moe_jax.pipeline.config import PipelineConfig, RejectionConfig
 from moe_jax.pipeline.rejection import rejection_sample
 from moe_jax.train.context import init_model_and_optimizer, load_init_from
-from moe_jax.train.evaluation import left_padded_prompts
 from moe_jax.train.experiment_config import run_task
 
 config_flags.define_config_flags(config_class=PipelineConfig)

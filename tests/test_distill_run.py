@@ -68,7 +68,7 @@ def test_the_config_shares_fields_refuses_moe_students_and_scales():
         KDConfig(mode="soft")
     with pytest.raises(InputError, match="KDConfig.beta"):
         KDConfig(beta=1.5)
-    with pytest.raises(InputError, match="StudyConfig.sizes: 'tiny-moe' is an MoE"):
+    with pytest.raises(InputError, match=r"study.sizes \(StudyConfig.sizes\): 'tiny-moe' is an MoE"):
         config_tree.override(DistillConfig(), {"study.sizes": "tiny-dense,tiny-moe"})
     values = flags.FlagValues()
     config_flags.define_config_flags(flag_values=values, config_class=DistillConfig)

@@ -284,9 +284,11 @@ def test_7_a_failed_save_stops_the_run_at_once_in_one_line(tmp_path, abstract_st
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"optimizer.clip_norm": -1.0}, r"OptimizerConfig.clip_norm: must be a finite number in \(0"),
-    ({"optimizer.learning_rate": float("nan")}, "OptimizerConfig.learning_rate: must be a finite number"),
-    ({"optimizer.weight_decay": float("inf")}, "OptimizerConfig.weight_decay: must be a finite number"),
+    ({"optimizer.clip_norm": -1.0}, r"optimizer.clip_norm \(OptimizerConfig.clip_norm\): must be a finite number in \(0"),
+    ({"optimizer.learning_rate": float("nan")},
+     r"optimizer.learning_rate \(OptimizerConfig.learning_rate\): must be a finite number"),
+    ({"optimizer.weight_decay": float("inf")},
+     r"optimizer.weight_decay \(OptimizerConfig.weight_decay\): must be a finite number"),
     ({"model.router_bias_rate": float("nan")}, "must be"),
     ({"steps": "10"}, r"ExperimentConfig.steps \(steps\): expected int, got str '10'"),
 ])
@@ -303,7 +305,7 @@ def test_8_grpo_prompts_that_cannot_fit_fail_before_compiling_naming_real_fields
                                          r".*Fix: raise seq_len to at least \d+, or lower sampling.max_new_tokens"):
         train_grpo(cramped, str(tmp_path / "grpo"))
     assert not os.path.exists(tmp_path / "grpo" / "config.json")
-    with pytest.raises(ValueError, match="SamplingConfig.temperature: must be a finite number"):
+    with pytest.raises(ValueError, match=r"sampling.temperature \(SamplingConfig.temperature\): must be a finite"):
         override(GRPO, {"sampling.temperature": float("nan")})
 
 

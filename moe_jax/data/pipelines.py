@@ -113,6 +113,17 @@ def prompt_ids(task: Task, tokenizer: Tokenizer, problem: Problem, template: str
     return tokenizer.encode(task.prompt(problem, template), add_bos=True)
 
 
+def left_padded_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, segment ids) `[B, P]`, P the longest prompt: every prompt ends in the last slot."""
+    width = max(map(len, prompts))
+    tokens_BxP = np.full((len(prompts), width), pad_id, np.int32)
+    segment_ids_BxP = np.zeros((len(prompts), width), np.int32)
+    for row, ids in enumerate(prompts):
+        tokens_BxP[row, width - len(ids):] = ids
+        segment_ids_BxP[row, width - len(ids):] = 1
+    return tokens_BxP, segment_ids_BxP
+
+
 def longest_prompt(task: Task, tokenizer: Tokenizer, *, seed: int, template: str, count: int = 512) -> int:
     """The most tokens any of the first `count` prompts of stream `seed` takes: what a prompt
     budget must hold, checked before anything compiles."""

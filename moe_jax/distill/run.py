@@ -120,17 +120,17 @@ def kd_run(cfg: KDRunConfig, teacher: Teacher | None, cache: str | None = None) 
     def build(context: RunContext) -> driver.RunParts:
         mesh, rules, tokenizer = context.mesh, context.rules, context.tokenizer
         check_vocabulary(teacher.tokenizer, tokenizer, kd.mode)
-        train_step, state = make_train_step(context.model, context.optimizer, loss_fn=kd_loss(kd),
-                                            microbatches=cfg.microbatches, mesh=mesh, rules=rules)
-        topk_fn = make_topk_fn(teacher, kd.top_k, mesh, rules)
-        local = process_batch_slice(cfg.batch_size)
-        rows = local.stop - local.start
+        loss_fn, topk_fn = kd_loss(kd), make_topk_fn(teacher, kd.top_k, mesh, rules)
         if cache:
             width = topk_width(kd.top_k, teacher.model.cfg.vocab_size)  # what on-policy steps compute too
             examples = cached_examples(cfg.data, cache, tokenizer, seq_len=cfg.seq_len, k=width)
             fields = TEACHER_FIELDS
         else:
             examples, fields = record_examples(cfg.data, tokenizer, seq_len=cfg.seq_len), ()
+        train_step, state = make_train_step(context.model, context.optimizer, loss_fn=loss_fn,
+                                            microbatches=cfg.microbatches, mesh=mesh, rules=rules)
+        local = process_batch_slice(cfg.batch_size)
+        rows = local.stop - local.start
         streams = KDStreams(iter(packed_batches(examples, seq_len=cfg.seq_len, seed=cfg.seed, weighted=True,
                                                 repeat=True, batch_size=rows, fields=fields)))
         if kd.mode == "on_policy":

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax.data.pipelines import prompt_ids
+from moe_jax.data.pipelines import left_padded_prompts, prompt_ids
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models import Transformer
@@ -27,7 +27,7 @@ from moe_jax.parallel import use_mesh
 from moe_jax.parallel.distributed import all_rows, global_batch_array, local_rows, process_batch_slice
 from moe_jax.parallel.rules import Rules
 from moe_jax.rl import rewards
-from moe_jax.train.evaluation import completion_text, left_padded_prompts
+from moe_jax.train.evaluation import completion_text
 
 
 @dataclasses.dataclass

@@ -55,11 +55,13 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
 
     def build(context: RunContext) -> driver.RunParts:
         mesh, rules = context.mesh, context.rules
+        health = HealthMonitor(cfg.health)
+        grpo_step, state = make_grpo_step(context.model, context.optimizer, cfg.loss, sampling=cfg.sampling,
+                                          microbatches=cfg.microbatches, mesh=mesh, rules=rules)
         # The KL anchor is the policy we start from; it is only kept (and scored) when beta > 0.
         reference = (make_logprob_fn(context.model, cfg.sampling, mesh=mesh, rules=rules),
                      jax.tree.map(jnp.copy, nnx.state(context.model))) if cfg.loss.beta > 0 else None
-        grpo_step, state = make_grpo_step(context.model, context.optimizer, cfg.loss, sampling=cfg.sampling,
-                                          microbatches=cfg.microbatches, mesh=mesh, rules=rules)
+        evaluate = Evaluator(cfg, context.task, context.tokenizer, mesh)
         longest = longest_prompt(context.task, context.tokenizer, seed=cfg.seed, template=cfg.template)
         if longest > cfg.prompt_len:
             raise config_error(cfg, "seq_len", f"prompts of task {cfg.task!r} take up to {longest} tokens, but a "
@@ -74,8 +76,8 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
                               nnx.graphdef(context.model), grpo_step, reference)
         return driver.RunParts(
             step=stepper, state=state, data=prompts, data_key="prompts",
-            evaluate=Evaluator(cfg, context.task, context.tokenizer, mesh), evaluate_at_start=True,
-            progress_keys={"reward": "reward", "eval/accuracy": "acc"}, check=HealthMonitor(cfg.health),
+            evaluate=evaluate, evaluate_at_start=True,
+            progress_keys={"reward": "reward", "eval/accuracy": "acc"}, check=health,
             plot_keys=["reward", "eval/accuracy", "rewards/format/mean", MEAN_LENGTH, "kl",
                        "entropy", "clip_ratio/region_mean", "grad_norm"])
 

@@ -64,12 +64,12 @@ def make_context(cfg: RunConfig, mesh_spec: str | None = None, tokenizer: str | 
     their shardings: every run's setup, and the benchmarks'. `tokenizer` overrides
     `cfg.tokenizer` (a workdir's own copy)."""
     mesh = make_mesh(mesh_spec or "auto")
+    model, optimizer = init_model_and_optimizer(cfg, mesh)
+    task = run_task(cfg)
     loaded = load_tokenizer(tokenizer or cfg.tokenizer)
     if loaded.vocab_size > cfg.model.vocab_size:
         raise InputError(f"{type(cfg).__name__}.model.vocab_size: {cfg.model.vocab_size} < the tokenizer's "
                          f"{loaded.vocab_size} ids. Fix: --config.model.vocab_size={loaded.vocab_size}")
-    task = run_task(cfg)
-    model, optimizer = init_model_and_optimizer(cfg, mesh)
     return RunContext(cfg, mesh, parse_rules(cfg.sharding_rules), loaded, task, model, optimizer)
 
 
@@ -87,19 +87,7 @@ def load_init_from(model: Transformer, init_from: str) -> None:
     """Starting weights: a run or Orbax checkpoint path, or `hf:<folder>`, a Hugging Face model
     folder, read shard by shard straight into the model's shardings."""
     if init_from.startswith("hf:"):
-        from moe_jax.interop import load_hf_into  # only runs that ask for it pay the import
-        from moe_jax.interop.hf_checkpoint import ArchitectureMismatchError
-
-        folder = init_from[len("hf:"):]
-        try:
-            load_hf_into(model, folder)
-        except ArchitectureMismatchError as e:
-            raise InputError(f"--init_from={init_from}: {e}. Fix: give config.model the checkpoint's "
-                             "architecture (a preset such as --config=qwen2.5-0.5b, or "
-                             "--config.model.<field>=... overrides)") from e
-        except (InputError, FileNotFoundError) as e:  # a damaged folder: its message names the file and fix
-            raise type(e)(f"--init_from={init_from}: {e}") from e
-        logging.info("initialised the model from the Hugging Face folder %s", folder)
+        _load_hf(model, init_from)
         return
     directory, step = workdir_format.checkpoint_location(init_from)
     checkpointer = Checkpointer(directory, save_every=1)
@@ -111,5 +99,22 @@ def load_init_from(model: Transformer, init_from: str) -> None:
     finally:
         checkpointer.close()
     logging.info("initialised the model from %s (step %s)", directory, step or "latest")
+
+
+def _load_hf(model: Transformer, init_from: str) -> None:
+    """`--init_from=hf:<folder>`: the Hugging Face model folder's weights, shard by shard."""
+    from moe_jax.interop import load_hf_into  # only runs that ask for it pay the import
+    from moe_jax.interop.hf_checkpoint import ArchitectureMismatchError
+
+    folder = init_from[len("hf:"):]
+    try:
+        load_hf_into(model, folder)
+    except ArchitectureMismatchError as e:
+        raise InputError(f"--init_from={init_from}: {e}. Fix: give config.model the checkpoint's "
+                         "architecture (a preset such as --config=qwen2.5-0.5b, or "
+                         "--config.model.<field>=... overrides)") from e
+    except (InputError, FileNotFoundError) as e:  # a damaged folder: its message names the file and fix
+        raise type(e)(f"--init_from={init_from}: {e}") from e
+    logging.info("initialised the model from the Hugging Face folder %s", folder)
 
 

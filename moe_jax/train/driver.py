@@ -13,11 +13,10 @@ its evaluation.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import logging
 from flax import nnx
@@ -29,44 +28,13 @@ from moe_jax.train.context import RunContext, load_init_from, make_context
 from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.lock import lock_workdir
 from moe_jax.train.loop import ELAPSED_KEY, TrainLoop
+from moe_jax.train.parts import BuildRun, RunParts
 from moe_jax.train.run_log import RunLog
 
 # `hook(step, state)` runs after step N is dispatched (e.g. a custom probe, or a test's kill).
 Hook = Callable[[int, nnx.State], None]
 
 
-class Checkpointable(Protocol):
-    """A data iterator whose position is saved with every checkpoint (grain's iterators)."""
-
-    def get_state(self) -> Any: ...
-
-    def set_state(self, state: Any) -> None: ...
-
-
-@dataclasses.dataclass
-class RunParts:
-    """What a kind of run supplies. `step(n, state) -> (state, metrics)` dispatches step n (it
-    draws its own batch from `data`); metrics may stay on the device, and must hold `loss` and
-    `grad_norm`. `evaluate(model) -> metrics` runs at `eval_every` and at the end (and at step 0
-    when `evaluate_at_start`). With `tokens_per_step` and `flops_per_token` the driver reports
-    tokens/s and MFU; without, the step reports its own `tokens_per_s`."""
-
-    step: Callable[[int, nnx.State], tuple[nnx.State, dict]]
-    state: nnx.State
-    data: Checkpointable
-    evaluate: Callable[[nnx.Module], dict[str, float]]
-    data_key: str = "train"  # the data position's name inside a checkpoint
-    tokens_per_step: int | None = None
-    flops_per_token: int | None = None
-    evaluate_at_start: bool = False
-    progress_keys: Mapping[str, str] | None = None
-    plot_keys: Sequence[str] | None = None
-    # `check(step, host metrics)` after each step's finite check: a run's own health signals
-    # (it raises to stop the run, logs to warn)
-    check: Callable[[int, dict[str, Any]], None] | None = None
-
-
-BuildRun = Callable[[RunContext], RunParts]
 
 
 def run(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str | None = None,
@@ -99,7 +67,8 @@ def _run_locked(cfg: RunConfig, workdir: str, build: BuildRun, *, mesh_spec: str
     if done is not None and (not changes or cfg.steps <= done["step"]):  # nothing left to train
         logging.info("%s finished at step %d; nothing to do", workdir, done["step"])
         return {"status": "finished", "step": done["step"], "metrics": done["metrics"]}
-    context = make_context(cfg, mesh_spec, tokenizer=workdir_format.tokenizer_path(workdir, cfg))
+    tokenizer = workdir_format.tokenizer_path(workdir, cfg)  # the run's own copy once it has one
+    context = make_context(cfg, mesh_spec, tokenizer=tokenizer)
     checkpointer = Checkpointer(workdir_format.checkpoint_dir(workdir), save_every=cfg.loop.checkpoint_every,
                                 keep=cfg.loop.keep_checkpoints, damaged_dir=workdir_format.damaged_dir(workdir))
     try:

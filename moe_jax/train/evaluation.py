@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from moe_jax.data.pipelines import packed_batches, problem_at, prompt_ids, task_examples
+from moe_jax.data.pipelines import left_padded_prompts, packed_batches, problem_at, prompt_ids, task_examples
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models.sampler import SamplingConfig, jit_generate
@@ -28,17 +28,6 @@ HELDOUT_SEED_OFFSET = 1_000_003  # the held-out stream of seed s is the stream o
 
 def heldout_seed(seed: int) -> int:
     return seed + HELDOUT_SEED_OFFSET
-
-
-def left_padded_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, segment ids) `[B, P]`, P the longest prompt: every prompt ends in the last slot."""
-    width = max(map(len, prompts))
-    tokens_BxP = np.full((len(prompts), width), pad_id, np.int32)
-    segment_ids_BxP = np.zeros((len(prompts), width), np.int32)
-    for row, ids in enumerate(prompts):
-        tokens_BxP[row, width - len(ids):] = ids
-        segment_ids_BxP[row, width - len(ids):] = 1
-    return tokens_BxP, segment_ids_BxP
 
 
 def completion_text(tokenizer: Tokenizer, ids: np.ndarray) -> str:
@@ -58,9 +47,11 @@ class Evaluator:
     def __init__(self, cfg: RunConfig, task: Task, tokenizer: Tokenizer, mesh: Mesh,
                  eval_step: Callable[[nnx.State, dict], dict] | None = None):
         self.task, self.tokenizer, self.eval_step, self.mesh = task, tokenizer, eval_step, mesh
-        self.rules = parse_rules(cfg.sharding_rules)
         self.sampling = SamplingConfig(temperature=0.0, max_new_tokens=cfg.loop.eval_max_new_tokens)
         seed = heldout_seed(cfg.seed)
+        self.problems = [problem_at(task, seed, i) for i in range(cfg.loop.eval_problems)]
+        self.prompts = left_padded_prompts([prompt_ids(task, tokenizer, p, cfg.template) for p in self.problems],
+                                           tokenizer.pad_id)
         self.batches = []
         if eval_step is not None:
             examples = task_examples(task, tokenizer, seed=seed, error_rate=cfg.corpus.error_rate,
@@ -68,10 +59,7 @@ class Evaluator:
             stream = iter(packed_batches(examples, seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(),
                                          seed=seed, shuffle=False))
             self.batches = [next(stream) for _ in range(cfg.corpus.eval_batches)]
-        self.problems = [problem_at(task, seed, i) for i in range(cfg.loop.eval_problems)]
-        self.prompts = left_padded_prompts(
-            [prompt_ids(task, tokenizer, p, cfg.template) for p in self.problems],
-            tokenizer.pad_id)
+        self.rules = parse_rules(cfg.sharding_rules)
 
     def loss(self, model_state: nnx.State) -> dict[str, float]:
         """Mean held-out loss terms (none when `eval_batches` is 0)."""

@@ -186,7 +186,8 @@ class ExperimentConfig(RunConfig):
 
 def run_task(run: RunConfig) -> Task:
     """The task a run trains and evaluates on (its `task` with its `task_options`)."""
-    return make_task(run.task, **parse_options(run.task_options))
+    options = parse_options(run.task_options)
+    return make_task(run.task, **options)
 
 
 def require_class(cfg: RunConfig, cls: type[RunConfig], runner: str) -> None:

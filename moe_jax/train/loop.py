@@ -18,7 +18,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 from absl import logging
@@ -28,11 +28,9 @@ from moe_jax.train.checkpoint import Checkpointer, CheckpointError
 from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.metrics import mfu
 from moe_jax.train.optimizer import run_schedule
+from moe_jax.train.parts import RunParts
 from moe_jax.train.preemption import PreemptionWatcher
 from moe_jax.train.run_log import RunLog
-
-if TYPE_CHECKING:
-    from moe_jax.train.driver import RunParts
 
 THROUGHPUT_WINDOW = 10  # steps over which tokens/s is measured
 ELAPSED_KEY = "elapsed_s"  # a checkpoint's record of the wall time the run had spent (for `loop.max_seconds`)
@@ -76,7 +74,7 @@ def check_finite(step: int, metrics: Mapping[str, Any], last_good: int | None) -
 
 
 class TrainLoop:
-    """Steps `start + 1 .. cfg.steps` of a run whose parts (`driver.RunParts`) are built and whose
+    """Steps `start + 1 .. cfg.steps` of a run whose parts (`RunParts`) are built and whose
     state is restored; `run()` returns `(status, last step, last metrics)`."""
 
     def __init__(self, cfg: RunConfig, parts: RunParts, checkpointer: Checkpointer, run_log: RunLog,
