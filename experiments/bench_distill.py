@@ -57,7 +57,7 @@ FLAGS = flags.FLAGS
 
 def _traces(cfg: DistillConfig, path: str, count: int) -> None:
     """`count` worked solutions of the student's tasks, in the SFT record format."""
-    task = run_task(cfg.student)
+    task = run_task(cfg.stage_run("student"))
     records = []
     for i in range(count):
         problem = problem_at(task, 123, i)
@@ -76,16 +76,17 @@ def main(argv: list[str]) -> None:
         teacher_cfg = cfg.pipeline.model
         teacher = Teacher(init_sharded(lambda: Transformer(teacher_cfg, rngs=nnx.Rngs(0)), mesh),
                           load_tokenizer(cfg.pipeline.tokenizer), "random init")
+    student = cfg.stage_run("student")
     with tempfile.TemporaryDirectory() as tmp:
         traces = f"{tmp}/traces.jsonl"
         _traces(cfg, traces, FLAGS.traces)
         start = time.perf_counter()
-        cache = write_topk_cache(teacher, traces, f"{tmp}/topk", k=FLAGS.kd_top_k, seq_len=cfg.student.seq_len,
+        cache = write_topk_cache(teacher, traces, f"{tmp}/topk", k=FLAGS.kd_top_k, seq_len=student.seq_len,
                                  mesh=mesh)
         cache_s = time.perf_counter() - start
-        logit = dataclasses.replace(cfg.student, data=traces, kd=dataclasses.replace(cfg.kd, mode="logit",
+        logit = dataclasses.replace(student, data=traces, kd=dataclasses.replace(cfg.kd, mode="logit",
                                                                                      top_k=FLAGS.kd_top_k))
-        builds = {"sft": (cfg.student, lm_run()), "seq_kd": (dataclasses.replace(cfg.student, data=traces), lm_run()),
+        builds = {"sft": (student, lm_run()), "seq_kd": (dataclasses.replace(student, data=traces), lm_run()),
                   "logit_kd_cached": (logit, kd_run(logit, teacher, f"{tmp}/topk")),
                   "logit_kd_teacher": (logit, kd_run(logit, teacher, None))}
         sides: dict[str, list] = {}
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> None:
     print(json.dumps({
         "platform": jax.default_backend(), "device_kind": device.device_kind, "devices": jax.device_count(),
         "student": cfg.model.name, "teacher": teacher.model.cfg.name, "teacher_source": teacher.source,
-        "batch_size": cfg.student.batch_size, "seq_len": cfg.student.seq_len, "steps": FLAGS.steps,
+        "batch_size": student.batch_size, "seq_len": student.seq_len, "steps": FLAGS.steps,
         "repeats": FLAGS.repeats, "steps_per_s": {k: round(v, 3) for k, v in steps_per_s.items()},
         "seq_kd_vs_sft": round(steps_per_s["seq_kd"] / steps_per_s["sft"], 3),
         "logit_kd_cached_vs_sft": round(steps_per_s["logit_kd_cached"] / steps_per_s["sft"], 3),

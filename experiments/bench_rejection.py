@@ -49,7 +49,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     del argv
     cfg = config_flags.config_from_flags(config_class=PipelineConfig, model_defaults={"max_seq_len": 256})
-    run = cfg.reasoning_rl
+    run = cfg.stage_run("reasoning_rl")
     mesh = make_mesh("auto")
     model, _ = init_model_and_optimizer(run, mesh)
     if FLAGS.init_from:

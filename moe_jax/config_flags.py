@@ -47,9 +47,9 @@ def _scalar_type(annotation) -> type:
 
 
 def _override_fields(config_class: type[RunConfig]) -> dict[str, tuple[type, str]]:
-    """Flag name -> (type, help) for every scalar field of the config tree (but the paths a
-    config derives from others: its `DERIVED_FIELDS`, e.g. a pipeline stage's model)."""
-    derived = tuple(getattr(config_class, "DERIVED_FIELDS", ()))
+    """Flag name -> (type, help) for every scalar field of the config tree (but the paths a tree
+    derives from its other fields: `config_tree.derived_part`, e.g. a pipeline stage's model)."""
+    derived = tuple(config_tree.derived_paths(config_class))
     fields = {}
     for path, (owner, hint) in config_tree.leaf_fields(config_class).items():
         if any(path == d or path.startswith(d + ".") for d in derived):

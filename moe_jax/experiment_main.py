@@ -11,6 +11,7 @@ import json
 import logging as py_logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -103,10 +104,29 @@ def config_from_recipe_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Any
 
 
 class _QuietLibraries(py_logging.Filter):
-    """Drop INFO chatter of the checkpoint library (a dozen lines per save); keep its warnings."""
+    """Drop the checkpoint library's INFO chatter (a dozen lines per save) and its errors — every
+    failure it has reaches the driver as an exception, which ends the run in one line naming the
+    cause, while the library logs a traceback per array and thread (and asyncio one per write task
+    it left behind); keep its warnings."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" in record.pathname:
+            return record.levelno == py_logging.WARNING
+        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info and record.exc_info[2] else []
+        return not any("/orbax/" in frame.filename for frame in frames)
+
+
+def _quiet_failed_save_callbacks(default: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that drops "Event loop is closed" from asyncio callbacks: when
+    one write of a background save fails, the checkpoint library closes that save's event loop and
+    the other writes, finishing later, find it closed (dozens of tracebacks before the driver's one
+    line); everything else goes to `default`."""
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            default(unraisable)
+
+    return hook
 
 
 def setup_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -120,8 +140,15 @@ def setup_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         # 179 s without it, 143 s from an empty cache, 73 s from a warm one).
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
         jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """INFO logs, without the checkpoint library's chatter and its failure reports (`_QuietLibraries`,
+    `_quiet_failed_save_callbacks`): a failed save is the driver's one line."""
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = _quiet_failed_save_callbacks(sys.unraisablehook)
 
 
 def run_and_report(train_fn: Callable[..., dict], cfg: RunConfig, workdir: str, **kwargs) -> dict:

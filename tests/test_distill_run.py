@@ -43,11 +43,11 @@ def _tiny(teacher: str) -> DistillConfig:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
     """A one-step tiny MoE on the pipeline's tasks (what it writes hardly matters: the filters judge)."""
-    pipeline = _tiny("x").pipeline
+    corpus = _tiny("x").pipeline.stage_run("base")
     run = ExperimentConfig(model=dataclasses.replace(get_preset("tiny-moe"), n_layers=2, d_model=32, n_heads=2,
                                                      max_seq_len=256),
-                           steps=1, batch_size=8, seq_len=128, task=pipeline.base.task,
-                           task_options=pipeline.base.task_options, loop=LoopConfig(eval_problems=4, eval_max_new_tokens=8))
+                           steps=1, batch_size=8, seq_len=128, task=corpus.task, task_options=corpus.task_options,
+                           loop=LoopConfig(eval_problems=4, eval_max_new_tokens=8))
     workdir = str(tmp_path_factory.mktemp("teacher"))
     train(run, workdir)
     return workdir
@@ -55,15 +55,18 @@ def teacher(tmp_path_factory) -> str:
 
 def test_the_config_shares_fields_refuses_moe_students_and_scales():
     cfg = config_tree.override(DistillConfig(), {"seed": 4, "model.n_layers": 3, "kd.mode": "logit"})
-    for run in (cfg.student_base, cfg.student, cfg.rl):
+    base, student, rl = (cfg.stage_run(name) for name in ("student_base", "student", "rl"))
+    for run in (base, student, rl):
         assert run.seed == 4 and run.model == cfg.model and run.template == cfg.pipeline.template
-    assert cfg.student.kd.mode == "logit" and cfg.student.task == cfg.pipeline.sft.task
-    assert cfg.student_base.task_options == cfg.pipeline.base.task_options  # the teacher's base corpus
-    assert cfg.rl.task == cfg.pipeline.reasoning_rl.task and "language=0," in cfg.rl.rewards
+    assert student.kd.mode == "logit" and student.task == cfg.pipeline.stage_run("sft").task
+    assert base.task_options == cfg.pipeline.stage_run("base").task_options  # the teacher's base corpus
+    assert rl.task == cfg.pipeline.stage_run("reasoning_rl").task and "language=0," in rl.rewards
     small = cfg.scaled(0.05)
     assert small.student.steps == 15 and small.student_base.steps == 50 and small.pipeline.base.steps == 50
     with pytest.raises(InputError, match="DistillConfig.model: 'tiny-moe' is an MoE"):
         DistillConfig(model=get_preset("tiny-moe"))
+    with pytest.raises(InputError, match=r"kd.top_k: 300 > the vocabulary \(256 ids\)"):
+        config_tree.override(DistillConfig(), {"kd.mode": "logit", "kd.top_k": 300})
     with pytest.raises(InputError, match="KDConfig.mode: unknown mode 'soft'"):
         KDConfig(mode="soft")
     with pytest.raises(InputError, match="KDConfig.beta"):

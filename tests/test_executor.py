@@ -81,6 +81,12 @@ def test_steps_skip_resume_and_redo_downstream(tmp_path):
     assert calls == []
 
 
+def test_a_graph_folder_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "graph").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file. Fix: give a directory"):
+        run_steps(str(tmp_path / "graph"), _graph([]))
+
+
 def test_only_runs_what_a_step_reads(tmp_path):
     calls = []
     (tmp_path / "a").mkdir()
@@ -233,3 +239,17 @@ def test_a_config_no_runner_trains_is_refused(tmp_path):
         train_grpo(kd_run, str(tmp_path))
     assert not os.listdir(tmp_path)
     assert runs.runner_for(ExperimentConfig()) is train
+
+
+def test_a_distillation_teacher_step_recorded_with_the_stages_copies_is_rekeyed():
+    """Before stage configs were derived, a pipeline's record held each stage's copies of the shared
+    fields (and its cadence); a step recorded so answers to today's key."""
+    from moe_jax.pipeline.config import RUN_STAGES, PipelineConfig
+    from moe_jax.pipeline.executor import _rekeyable
+
+    cfg = PipelineConfig()
+    old = {**dataclasses.asdict(cfg), **{s: dataclasses.asdict(cfg.stage_run(s)) for s in RUN_STAGES}}
+    step = Step("teacher", lambda d, i: None, {"pipeline": cfg})
+    assert _rekeyable({"settings": {"pipeline": old}, "inputs": {}}, step, {})
+    changed = {**old, "sft": {**old["sft"], "steps": 7}}
+    assert not _rekeyable({"settings": {"pipeline": changed}, "inputs": {}}, step, {})

@@ -66,12 +66,16 @@ def test_duplicates_are_dropped_once(tmp_path):
 
 def test_pipeline_config_shares_fields_and_scales():
     cfg = config_tree.override(PipelineConfig(), {"seed": 7, "model.n_layers": 2, "reasoning_rl.steps": 9})
-    for stage in RUN_STAGES:
-        run = getattr(cfg, stage)
+    runs = {stage: cfg.stage_run(stage) for stage in RUN_STAGES}
+    for run in runs.values():
         assert run.seed == 7 and run.model.n_layers == 2 and run.template == cfg.template
-    assert cfg.reasoning_rl.task == "arithmetic" and cfg.final_rl.task == "arithmetic+number_words"
-    assert "switch_rate=0.2" in cfg.base.task_options and "switch_rate" not in cfg.cold_start.task_options
+    assert runs["reasoning_rl"].task == "arithmetic" and runs["final_rl"].task == "arithmetic+number_words"
+    assert "switch_rate=0.2" in runs["base"].task_options and "switch_rate" not in runs["cold_start"].task_options
     assert cfg.r1_zero().steps == 9 + cfg.final_rl.steps and "language=0," in cfg.r1_zero().rewards
+    assert cfg.r1_zero().model == cfg.model
+    # Derived, not mutated: the stage's part keeps its own fields; what it shares is not saved.
+    assert cfg.sft.model != cfg.model and "model" not in cfg.to_dict()["sft"]
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg
     small = cfg.scaled(0.05)
     assert small.base.steps == 50 and small.reasoning_rl.steps == 1 and small.reasoning_rl.loop.eval_every == 1
     assert small.rejection_sampling.prompts == 26 and small.cold_start_data.examples == 50
@@ -90,13 +94,14 @@ def test_stage_copies_of_shared_fields_are_not_flags():
     config_flags.define_config_flags(flag_values=values, config_class=PipelineConfig)
     assert "config.reasoning_rl.steps" in values and "config.seed" in values
     assert "config.reasoning_rl.seed" not in values and "config.sft.model.n_layers" not in values
+    assert "config.sft.task" not in values and "config.sft.optimizer.learning_rate" in values
 
 
 def test_stage_prompts_avoid_eval_sets_and_reasoning_rl_prompts():
     cfg = PipelineConfig().scaled(0.1)
     seen = seen_problems(cfg)
     assert len(seen) > 100
-    rl = cfg.reasoning_rl
+    rl = cfg.stage_run("reasoning_rl")
     task = TASK.__class__(max_digits=3, ops="+", slip="carry", languages="en+fr")
     fresh = datasets.fresh_problems(task, cfg.seed + REJECTION_OFFSET, 500, seen)
     identities = [datasets.problem_identity(p) for p in fresh]

@@ -1,6 +1,7 @@
 """The R1 pipeline end to end on a tiny model: every stage runs and the table is written; a
-pipeline SIGKILLed inside `sft` and rerun gives the numbers of one never interrupted; a rerun of a
-finished pipeline skips every stage; a changed stage is redone with what follows it, nothing else."""
+pipeline preempted (SIGTERM) inside `sft` stops there, exits non-zero, and its rerun gives the
+numbers of one never interrupted; a rerun of a finished pipeline skips every stage; a changed stage
+is redone with what follows it, nothing else; a cadence change redoes nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -37,7 +37,8 @@ TINY = config_tree.override(
         "rejection_sampling.sampling.max_new_tokens": 32, "rejection_sampling.sampling.samples_per_prompt": 2,
         "report.problems": 16, "report.pass_k": 2, "report.max_new_tokens": 32})
 
-# Runs the pipeline; with a third argument, SIGKILLs itself at that step of the sft stage.
+# Runs the pipeline; with a third argument, sends itself SIGTERM (a preemption notice) at that step
+# of the sft stage.
 SCRIPT = """
 import json, os, signal, sys
 from absl import logging
@@ -53,7 +54,7 @@ train = runs.RUNNERS[ExperimentConfig]
 def train_with_kill(run, workdir, **kwargs):
     def kill(step, state):
         if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGTERM)
     hooks = [kill] if kill_at is not None and os.path.basename(workdir) == "sft" else []
     return train(run, workdir, hooks=hooks, **kwargs)
 
@@ -104,15 +105,16 @@ def test_every_stage_runs_and_the_table_is_written(finished):
     assert r1_zero["steps"] == 4 and "language=0," in r1_zero["rewards"]
 
 
-def test_a_pipeline_killed_inside_sft_and_rerun_equals_an_uninterrupted_one(finished):
+def test_a_pipeline_preempted_inside_sft_stops_there_and_its_rerun_equals_an_uninterrupted_one(finished):
     root, config_path = finished
-    workdir = root / "killed"
+    workdir = root / "preempted"
     workdir.mkdir()
     for stage in ("base", "cold_start", "reasoning_rl", "rejection_sampling"):  # the same stages, already done
         shutil.copytree(root / "uninterrupted" / stage, workdir / stage)
-    killed = _pipeline(config_path, workdir, 3)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    preempted = _pipeline(config_path, workdir, 3)
+    assert preempted.returncode != 0 and "StepIncomplete: step 'sft' stopped before it finished" in preempted.stderr
     assert not (workdir / "sft" / "DONE").exists() and not (workdir / "final_rl").exists()
+    assert not (workdir / "r1_zero").exists() and not (workdir / "results.csv").exists()
     rerun = _pipeline(config_path, workdir)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert "stage sft: resuming" in rerun.stderr
@@ -139,6 +141,12 @@ def test_a_rerun_skips_and_a_changed_stage_redoes_only_what_follows(finished, tm
     assert sorted(os.listdir(workdir / "superseded")) == [f"final_rl-{read_step(str(root / 'uninterrupted' / 'final_rl'))['key']}",
                                                            f"sft-{read_step(str(root / 'uninterrupted' / 'sft'))['key']}"]
     assert "stage r1_zero: done" in redo.stderr and "stage base: done" in redo.stderr
+    cadence = tmp_path / "cadence.json"  # how often stages evaluate and save: not what they compute
+    cadence.write_text(json.dumps(config_tree.override(TINY, {
+        "sft.optimizer.learning_rate": 5e-4, "reasoning_rl.loop.eval_every": 1, "final_rl.loop.keep_checkpoints": 7,
+        "base.loop.checkpoint_every": 3}).to_dict()))
+    again = _pipeline(cadence, workdir)
+    assert again.returncode == 0 and again.stderr.count("skipped") == 7, again.stderr[-3000:]
 
 
 def test_a_base_from_elsewhere_is_read_not_trained(finished, tmp_path):

@@ -5,25 +5,24 @@ traces, the student's base, its KD run, RL, and the Table 6 study).
 The student's architecture is the top-level `model` (`--config=<dense preset>`); the tasks, the
 template, the tokenizer and the base corpus are the teacher's pipeline's (`pipeline`), so the
 student's base is trained on the same corpus as the teacher's base (R1's students start from
-Qwen2.5/Llama *base* models). Like the pipeline, those shared fields are copied into every run
-of the tree and are not flags of their own there.
+Qwen2.5/Llama *base* models). Like the pipeline's stages, a student run's config is derived from
+its part and the top (`DistillConfig.stage_run`); those fields of a part are not its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, ClassVar
 
 from moe_jax.configs import ModelConfig, get_preset
 from moe_jax.errors import InputError
 from moe_jax.models.sampler import SamplingConfig
-from moe_jax.pipeline.config import PipelineConfig, RejectionConfig, ReportConfig, scaled_run_fields, sft_run
+from moe_jax.pipeline.config import DERIVED, PipelineConfig, RejectionConfig, ReportConfig, scaled, sft_run
 from moe_jax.rl.config import GRPOConfig
 from moe_jax.train import config_tree
 from moe_jax.train.experiment_config import (
     ExperimentConfig,
     LoopConfig,
+    RunConfig,
     check_number,
     check_positive,
     config_error,
@@ -32,7 +31,6 @@ from moe_jax.train.experiment_config import (
 KD_MODES = ("sequence", "logit", "on_policy")
 # The student's runs: its pretrained base, its KD run, its GRPO (RL only, and after KD).
 STUDENT_RUNS = ("student_base", "student", "rl")
-SHARED_FIELDS = ("model", "seed", "template", "tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,20 +131,19 @@ def _student_model() -> ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DistillConfig(config_tree.TreeConfig):
     """A distillation (defaults: the arithmetic R1 pipeline's teacher into `tiny-dense-s`)."""
-    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = tuple(f"{r}.{f}" for r in STUDENT_RUNS for f in SHARED_FIELDS) + tuple(
-        f"{r}.{f}" for r in STUDENT_RUNS for f in ("task", "task_options")) + ("student.kd",)
 
     model: ModelConfig = dataclasses.field(default_factory=_student_model)  # the student's architecture
     seed: int = 0  # the student's (init, data order); the teacher keeps the pipeline's
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     kd: KDConfig = dataclasses.field(default_factory=KDConfig)
-    student_base: ExperimentConfig = dataclasses.field(default_factory=lambda: PipelineConfig().base)
-    student: KDRunConfig = dataclasses.field(default_factory=lambda: sft_run(KDRunConfig, steps=300))
+    # The student's runs: their own fields (the shared ones, their tasks and `kd` come from the top: `stage_run`).
+    student_base: ExperimentConfig = config_tree.derived_part(lambda: PipelineConfig().base, derived=DERIVED)
+    student: KDRunConfig = config_tree.derived_part(lambda: sft_run(KDRunConfig, steps=300), derived=(*DERIVED, "kd"))
     # R1-Zero's GRPO (the pipeline's r1_zero run); in the study, RL only stops at its wall-clock budget
-    rl: GRPOConfig = dataclasses.field(default_factory=lambda: dataclasses.replace(
+    rl: GRPOConfig = config_tree.derived_part(lambda: dataclasses.replace(
         PipelineConfig().r1_zero(), steps=400, loop=LoopConfig(eval_every=100, checkpoint_every=50, eval_problems=128,
-                                                               eval_max_new_tokens=160)))
+                                                               eval_max_new_tokens=160)), derived=DERIVED)
     study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
 
@@ -154,44 +151,34 @@ class DistillConfig(config_tree.TreeConfig):
         if self.model.is_moe:
             raise config_error(self, "model", f"{self.model.name!r} is an MoE; the student is a dense model",
                                "use --config=tiny-dense-s (or another dense preset)")
-        p = self.pipeline
-        shared = {"model": self.model, "seed": self.seed, "template": p.template, "tokenizer": p.tokenizer}
-        tasks = {"student_base": (p.base.task, p.base.task_options), "student": (p.sft.task, p.sft.task_options),
-                 "rl": (p.reasoning_rl.task, p.reasoning_rl.task_options)}
-        for name in STUDENT_RUNS:
-            task, options = tasks[name]
-            changes = {**shared, "task": task, "task_options": options}
-            if name == "student":
-                changes["kd"] = self.kd
-            try:
-                run = dataclasses.replace(getattr(self, name), **changes)
-            except InputError as e:
-                raise InputError(f"DistillConfig.{name}: {e}") from None
-            object.__setattr__(self, name, run)
+        student = {name: self.stage_run(name) for name in STUDENT_RUNS}["student"]  # each validates
         if self.kd.uses_teacher_logits and self.kd.top_k > self.model.vocab_size:
             raise config_error(self, "kd.top_k", f"{self.kd.top_k} > the vocabulary ({self.model.vocab_size} ids)",
                                f"use at most {self.model.vocab_size}, or 0 for the whole vocabulary")
         if self.kd.mode == "on_policy":
-            prompt_room = self.student.seq_len - self.kd.sampling.max_new_tokens
+            prompt_room = student.seq_len - self.kd.sampling.max_new_tokens
             if prompt_room < 8:
                 raise config_error(self, "kd.sampling.max_new_tokens", f"{self.kd.sampling.max_new_tokens} leaves "
-                                   f"{prompt_room} of student.seq_len={self.student.seq_len} for the prompt",
+                                   f"{prompt_room} of student.seq_len={student.seq_len} for the prompt",
                                    "lower it, or raise student.seq_len")
+
+    def stage_run(self, name: str) -> RunConfig:
+        """The run config of the student's run `name` (`STUDENT_RUNS`): its part with the student's
+        model and seed, the pipeline's template and tokenizer, the task of the pipeline stage it
+        mirrors (base corpus, SFT mixture, reasoning RL) and, for the KD run, `kd`."""
+        p = self.pipeline
+        stage = p.stage_run({"student_base": "base", "student": "sft", "rl": "reasoning_rl"}[name])
+        changes = {"model": self.model, "seed": self.seed, "template": p.template, "tokenizer": p.tokenizer,
+                   "task": stage.task, "task_options": stage.task_options}
+        try:
+            return dataclasses.replace(getattr(self, name), **changes, **({"kd": self.kd} if name == "student" else {}))
+        except InputError as e:
+            raise InputError(f"DistillConfig.{name}: {e}") from None
 
     def scaled(self, scale: float) -> DistillConfig:
         """Every run's steps (with their cadences and warmups), the traces' prompts and the report's
-        problems times `scale` (at least 1), and the pipeline's when it trains the teacher here:
-        `--scale=0.05` checks the whole chain end to end."""
-        if not (math.isfinite(scale) and scale > 0):
-            raise config_error(self, "scale", f"must be a number > 0, got {scale}", "use e.g. 0.05, or 1")
-
-        def times(n: int, least: int = 1) -> int:
-            return max(least, math.ceil(n * scale))
-
-        changes: dict[str, Any] = {"teacher.rejection.prompts": times(self.teacher.rejection.prompts),
-                                   "report.problems": times(self.report.problems, least=16),
-                                   "study.rl_after_kd_steps": times(self.study.rl_after_kd_steps)}
-        for name in STUDENT_RUNS:
-            changes.update(scaled_run_fields(name, getattr(self, name), times))
-        scaled = config_tree.override(self, changes)
-        return dataclasses.replace(scaled, pipeline=self.pipeline.scaled(scale)) if not self.teacher.source else scaled
+        problems times `scale` (`moe_jax.pipeline.config.scaled`), and the pipeline's when it trains
+        the teacher here: `--scale=0.05` checks the whole chain end to end."""
+        small = scaled(self, scale, {"teacher.rejection.prompts": 1, "report.problems": 16,
+                                     "study.rl_after_kd_steps": 1}, STUDENT_RUNS)
+        return small if self.teacher.source else dataclasses.replace(small, pipeline=self.pipeline.scaled(scale))

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from moe_jax.distill.config import DistillConfig, KDRunConfig
+from moe_jax.distill.config import STUDENT_RUNS, DistillConfig, KDRunConfig
 from moe_jax.distill.run import train_kd
 from moe_jax.distill.teacher import CACHE_FILE, CACHE_INFO_FILE, Teacher, load_teacher, write_topk_cache
 from moe_jax.errors import InputError
@@ -120,7 +120,7 @@ class Distillation:
         cfg = self.cfg
         seen = seen_problems(cfg.pipeline)
         for offset in range(cfg.study.seeds):
-            for run in (cfg.student_base, cfg.student, cfg.rl):
+            for run in map(cfg.stage_run, STUDENT_RUNS):
                 seen |= {datasets.problem_identity(p) for p in
                          report.heldout_problems(run_task(run), run.seed + offset, run.loop.eval_problems)}
         return seen
@@ -132,7 +132,7 @@ class Distillation:
                                 seed=cfg.pipeline.seed + TRACES_OFFSET, excluded=self.excluded(), mesh=mesh)
 
     def topk_stage(self) -> Step:
-        kd, seq_len = self.cfg.kd, self.cfg.student.seq_len
+        kd, seq_len = self.cfg.kd, self.cfg.stage_run("student").seq_len
 
         def write(stage_dir: str, inputs: Mapping[str, str]) -> None:
             mesh = self._mesh()
@@ -178,8 +178,9 @@ class Distillation:
     def stages(self) -> list[Step]:
         cfg = self.cfg
         logits = [self.topk_stage()] if cfg.kd.uses_teacher_logits else []
-        return [self.teacher_stage(), self.traces_stage(), *logits, self.base_stage("student_base", cfg.student_base),
-                self.kd_stage("student", "student_base", cfg.student)]
+        return [self.teacher_stage(), self.traces_stage(), *logits,
+                self.base_stage("student_base", cfg.stage_run("student_base")),
+                self.kd_stage("student", "student_base", cfg.stage_run("student"))]
 
     # Measuring.
     def measure(self, stage: str, model_source: str, run: RunConfig | None = None) -> dict[str, Any]:
@@ -192,7 +193,7 @@ class Distillation:
                 return teacher.model, teacher.tokenizer
         else:
             load = run_model_loader(run, model_source, stage_dir)
-        return measure_step(stage_dir, load, cfg.pipeline.final_rl, cfg.report, seed=cfg.pipeline.seed,
+        return measure_step(stage_dir, load, cfg.pipeline.stage_run("final_rl"), cfg.report, seed=cfg.pipeline.seed,
                             template=cfg.pipeline.template, mesh=self._mesh())
 
     def columns(self) -> list[str]:
@@ -211,8 +212,9 @@ def run_distillation(cfg: DistillConfig, workdir: str, *, mesh_spec: str | None 
         return {}
     d = distillation
     rows = {"teacher": d.measure("teacher", d.teacher_source),
-            "student_base": d.measure("student_base", d.model_path("student_base", base=True), cfg.student_base),
-            f"student ({cfg.kd.mode} KD)": d.measure("student", d.path("student"), cfg.student)}
+            "student_base": d.measure("student_base", d.model_path("student_base", base=True),
+                                      cfg.stage_run("student_base")),
+            f"student ({cfg.kd.mode} KD)": d.measure("student", d.path("student"), cfg.stage_run("student"))}
     rows["teacher"]["wall_s"] = None  # trained elsewhere (or by the pipeline, whose table has its times)
     if is_lead():
         report.write_results(workdir, rows, distillation.columns(),

@@ -55,16 +55,18 @@ def study_stages(d: Distillation, budgets: Mapping[str, float] | None) -> list[S
     for size in cfg.study.size_names():
         student = sized(cfg, size)
         base = f"{size}/base"
-        stages.append(d.base_stage(base, student.student_base))
+        stages.append(d.base_stage(base, student.stage_run("student_base")))
         for i in range(cfg.study.seeds):
-            stages.append(d.kd_stage(f"{size}/seq_kd-seed{i}", base, _kd(_seeded(student, i).student, "sequence")))
-        rl_after = dataclasses.replace(student.rl, steps=cfg.study.rl_after_kd_steps)
+            stages.append(d.kd_stage(f"{size}/seq_kd-seed{i}", base,
+                                     _kd(_seeded(student, i).stage_run("student"), "sequence")))
+        rl_after = dataclasses.replace(student.stage_run("rl"), steps=cfg.study.rl_after_kd_steps)
         stages.append(d.rl_stage(f"{size}/seq_kd_rl", f"{size}/seq_kd-seed0", rl_after))
-        stages.append(d.kd_stage(f"{size}/logit_kd", base, _kd(student.student, "logit")))
-        stages.append(d.kd_stage(f"{size}/on_policy_kd", base, _kd(student.student, "on_policy")))
+        stages.append(d.kd_stage(f"{size}/logit_kd", base, _kd(student.stage_run("student"), "logit")))
+        stages.append(d.kd_stage(f"{size}/on_policy_kd", base, _kd(student.stage_run("student"), "on_policy")))
         if budgets is not None:
             for i in range(cfg.study.seeds):
-                run = config_tree.override(_seeded(student, i).rl, {"loop.max_seconds": budgets[f"{size}/seq_kd-seed{i}"]})
+                run = config_tree.override(_seeded(student, i).stage_run("rl"),
+                                           {"loop.max_seconds": budgets[f"{size}/seq_kd-seed{i}"]})
                 stages.append(d.rl_stage(f"{size}/rl_only-seed{i}", base, run, init_from=d.base_source(base)))
     return stages
 
@@ -82,8 +84,8 @@ def run_table6(cfg: DistillConfig, workdir: str, *, mesh_spec: str | None = None
     rows: dict[str, dict[str, Any]] = {"teacher": {**d.measure("teacher", d.teacher_source), "wall_s": None}}
     for size in sizes:
         student = sized(cfg, size)
-        runs = {"base": student.student_base, "seq_kd_rl": student.rl, "logit_kd": student.student,
-                "on_policy_kd": student.student, "rl_only": student.rl, "seq_kd": student.student}
+        base, kd, rl = (student.stage_run(name) for name in ("student_base", "student", "rl"))
+        runs = {"base": base, "seq_kd_rl": rl, "logit_kd": kd, "on_policy_kd": kd, "rl_only": rl, "seq_kd": kd}
         for variant in ("base", "rl_only", "seq_kd", "seq_kd_rl", "logit_kd", "on_policy_kd"):
             names = [f"{size}/{variant}-seed{i}" for i in seeds] if variant in SEEDED else [f"{size}/{variant}"]
             measured = [d.measure(name, d.model_path(name, base=variant == "base"), runs[variant]) for name in names]

@@ -1,8 +1,9 @@
 """The R1 pipeline's config: one tree, a part per stage (`--config.reasoning_rl.steps=…`).
 
 What every stage must share — the model, the seed, the tasks and the template — is set once at
-the top and copied into each stage's run config (those fields of a stage are not flags of their
-own). Each stage's task follows from the top-level tasks:
+the top; a stage's run config is derived from its part and the top by a pure function
+(`PipelineConfig.stage_run`), and those fields of a part are not its own (no flags; left out of
+the tree's identity and of `pipeline.json`). Each stage's task follows from the top-level tasks:
 
     base            reasoning task + non-reasoning task, traces switching language at `switch_rate`
     cold_start      reasoning task (its data: `cold_start_data.examples` readable traces)
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from moe_jax.configs import ModelConfig, get_preset
 from moe_jax.data.tasks import Task, make_task
@@ -42,7 +43,8 @@ from moe_jax.train.experiment_config import (
 # The stages, in the order they run; names are fixed (flags, folders and tools address them).
 STAGES = ("base", "cold_start", "reasoning_rl", "rejection_sampling", "sft", "final_rl", "r1_zero")
 RUN_STAGES = ("base", "cold_start", "reasoning_rl", "sft", "final_rl")  # the parts that are run configs
-SHARED_FIELDS = ("model", "seed", "task", "task_options", "template", "tokenizer")
+SHARED_FIELDS = ("model", "seed", "template", "tokenizer")  # a stage's, from the top (and its task and options)
+DERIVED = (*SHARED_FIELDS, "task", "task_options")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,20 +116,24 @@ def _rl(**changes: Any) -> GRPOConfig:
                          "rewards": "accuracy=1.0,format=0.1,language=0.1,language_mixed=0", **changes})
 
 
-def scaled_run_fields(name: str, run: RunConfig, times: Callable[..., int]) -> dict[str, int]:
-    """The changes that scale run `name`: its steps, the cadences and warmup that count steps, and
-    its eval problems (at least 16), each through `times(n, least)`."""
-    return {f"{name}.steps": times(run.steps), f"{name}.loop.eval_every": times(run.loop.eval_every),
-            f"{name}.loop.checkpoint_every": times(run.loop.checkpoint_every),
-            f"{name}.loop.eval_problems": times(run.loop.eval_problems, least=16),
-            f"{name}.optimizer.warmup_steps": times(run.optimizer.warmup_steps, least=0)}
+def scaled(cfg: Any, scale: float, counts: Mapping[str, int], runs: Sequence[str]) -> Any:
+    """`cfg` with its sample counts (`counts`: path -> the least it may become) and its runs' steps
+    (the `runs` parts': steps, the cadences and warmups that count steps, eval problems at least
+    16) times `scale`, rounded up: `--scale=0.05` checks a whole graph end to end."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise config_error(cfg, "scale", f"must be a number > 0, got {scale}", "use e.g. 0.05, or 1")
+    values = config_tree.leaf_values(cfg)
+    run_counts = {"steps": 1, "loop.eval_every": 1, "loop.checkpoint_every": 1, "loop.eval_problems": 16,
+                  "optimizer.warmup_steps": 0}
+    counts = {**counts, **{f"{run}.{path}": least for run in runs for path, least in run_counts.items()}}
+    return config_tree.override(cfg, {path: max(least, math.ceil(values[path] * scale))
+                                      for path, least in counts.items()})
+
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig(config_tree.TreeConfig):
     """The whole R1 pipeline (defaults: the arithmetic recipe)."""
-    # A stage's copies of the shared fields are not its own to set: `--config.<field>` sets them all.
-    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = tuple(f"{s}.{f}" for s in RUN_STAGES for f in SHARED_FIELDS)
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: dataclasses.replace(get_preset("tiny-moe"),
                                                                                         max_seq_len=256))
@@ -141,15 +147,17 @@ class PipelineConfig(config_tree.TreeConfig):
     non_reasoning_share: float = 0.2  # of the base corpus, the rejection dataset and final RL's prompts
     switch_rate: float = 0.2  # chance a base-corpus trace word is in the other language
 
-    base: ExperimentConfig = dataclasses.field(default_factory=lambda: ExperimentConfig(
+    # A stage's part: its own fields (the shared ones and its task come from the top: `stage_run`).
+    base: ExperimentConfig = config_tree.derived_part(lambda: ExperimentConfig(
         steps=1000, batch_size=16, seq_len=128, corpus=CorpusConfig(error_rate=0.7),
-        loop=LoopConfig(eval_every=1000, checkpoint_every=1000, eval_problems=128, eval_max_new_tokens=160)))
+        loop=LoopConfig(eval_every=1000, checkpoint_every=1000, eval_problems=128, eval_max_new_tokens=160)),
+        derived=DERIVED)
     cold_start_data: ColdStartData = dataclasses.field(default_factory=ColdStartData)
-    cold_start: ExperimentConfig = dataclasses.field(default_factory=lambda: sft_run(steps=100))
-    reasoning_rl: GRPOConfig = dataclasses.field(default_factory=_rl)
+    cold_start: ExperimentConfig = config_tree.derived_part(lambda: sft_run(steps=100), derived=DERIVED)
+    reasoning_rl: GRPOConfig = config_tree.derived_part(_rl, derived=DERIVED)
     rejection_sampling: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
-    sft: ExperimentConfig = dataclasses.field(default_factory=sft_run)
-    final_rl: GRPOConfig = dataclasses.field(default_factory=_rl)
+    sft: ExperimentConfig = config_tree.derived_part(sft_run, derived=DERIVED)
+    final_rl: GRPOConfig = config_tree.derived_part(_rl, derived=DERIVED)
     r1_zero_rewards: str = "accuracy=1.0,format=0.1,language=0,language_mixed=0"  # R1-Zero's: no language term
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
 
@@ -165,18 +173,23 @@ class PipelineConfig(config_tree.TreeConfig):
                 raise config_error(self, field, "switch_rate is the pipeline's own field",
                                    "set --config.switch_rate instead")
         mixture, mixed_options = self.mixture()
-        shared = {"model": self.model, "seed": self.seed, "template": self.template, "tokenizer": self.tokenizer}
+        make_task(mixture, **parse_options(mixed_options))  # a bad option fails here, naming the field above
+        for stage in RUN_STAGES:  # every stage's run validates (it is derived again where it is used)
+            self.stage_run(stage)
+
+    def stage_run(self, stage: str) -> RunConfig:
+        """Stage `stage`'s run config: its part with the top's model, seed, template, tokenizer and
+        the stage's task (module docstring)."""
+        mixture, mixed_options = self.mixture()
         tasks = {"base": (mixture, f"{mixed_options},switch_rate={self.switch_rate}"),
                  "cold_start": (self.task, self.task_options), "reasoning_rl": (self.task, self.task_options),
                  "sft": (mixture, mixed_options), "final_rl": (mixture, mixed_options)}
-        for stage in RUN_STAGES:
-            task, options = tasks[stage]
-            try:
-                run = dataclasses.replace(getattr(self, stage), **shared, task=task, task_options=options)
-            except InputError as e:  # say which stage: every stage's run has the same field names
-                raise InputError(f"PipelineConfig.{stage}: {e}") from None
-            object.__setattr__(self, stage, run)
-        make_task(mixture, **parse_options(mixed_options))  # a bad option fails here, naming the field above
+        task, options = tasks[stage]
+        try:
+            return dataclasses.replace(getattr(self, stage), model=self.model, seed=self.seed, template=self.template,
+                                       tokenizer=self.tokenizer, task=task, task_options=options)
+        except InputError as e:  # say which stage: every stage's run has the same field names
+            raise InputError(f"PipelineConfig.{stage}: {e}") from None
 
     def non_reasoning_task(self) -> Task:
         return make_task(self.non_reasoning, **parse_options(self.non_reasoning_options))
@@ -192,21 +205,10 @@ class PipelineConfig(config_tree.TreeConfig):
         """The R1-Zero baseline: reasoning_rl's run for as many RL steps as both RL stages take,
         with R1-Zero's rewards."""
         steps = self.reasoning_rl.steps + self.final_rl.steps
-        return dataclasses.replace(self.reasoning_rl, steps=steps, rewards=self.r1_zero_rewards)
+        return dataclasses.replace(self.stage_run("reasoning_rl"), steps=steps, rewards=self.r1_zero_rewards)
 
     def scaled(self, scale: float) -> PipelineConfig:
-        """Every stage's steps and sample counts (and the cadences and warmups that count steps)
-        times `scale`, at least 1: `--scale=0.05` checks the whole chain in a minute or two."""
-        if not (math.isfinite(scale) and scale > 0):
-            raise config_error(self, "scale", f"must be a number > 0, got {scale}", "use e.g. 0.05, or 1")
-
-        def times(n: int, least: int = 1) -> int:
-            return max(least, math.ceil(n * scale))
-
-        changes: dict[str, Any] = {
-            "cold_start_data.examples": times(self.cold_start_data.examples),
-            "rejection_sampling.prompts": times(self.rejection_sampling.prompts),
-            "report.problems": times(self.report.problems, least=16)}
-        for stage in RUN_STAGES:
-            changes.update(scaled_run_fields(stage, getattr(self, stage), times))
-        return config_tree.override(self, changes)
+        """Every stage's steps and sample counts (`scaled`): `--scale=0.05` checks the whole chain
+        in a minute or two."""
+        return scaled(self, scale, {"cold_start_data.examples": 1, "rejection_sampling.prompts": 1,
+                                    "report.problems": 16}, RUN_STAGES)

@@ -32,7 +32,7 @@ from moe_jax.parallel import make_mesh, parse_rules
 from moe_jax.parallel.distributed import is_lead, sync
 from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline import datasets, report
-from moe_jax.pipeline.config import STAGES, PipelineConfig, RejectionConfig
+from moe_jax.pipeline.config import RUN_STAGES, STAGES, PipelineConfig, RejectionConfig
 from moe_jax.pipeline.executor import Step, run_steps, step_key, step_seconds
 from moe_jax.pipeline.rejection import rejection_sample, removal_summary
 from moe_jax.pipeline.steps import dataset_step, measure_step, record_step, run_model_loader, train_step
@@ -55,10 +55,10 @@ def seen_problems(cfg: PipelineConfig) -> set[str]:
     """The identities of every problem an eval set or the reasoning-RL stage poses: what the
     cold-start and rejection-sampling prompts must avoid."""
     seen: set[str] = set()
-    for run in (cfg.base, cfg.cold_start, cfg.reasoning_rl, cfg.sft, cfg.final_rl):
+    for run in map(cfg.stage_run, RUN_STAGES):
         seen |= _identities(report.heldout_problems(run_task(run), cfg.seed, run.loop.eval_problems))
-    seen |= _identities(report.heldout_problems(run_task(cfg.final_rl), cfg.seed, cfg.report.problems))
-    rl = cfg.reasoning_rl
+    seen |= _identities(report.heldout_problems(run_task(cfg.stage_run("final_rl")), cfg.seed, cfg.report.problems))
+    rl = cfg.stage_run("reasoning_rl")
     order = rl_prompt_order(rl.seed)
     seen |= _identities([problem_at(run_task(rl), rl.seed, int(order[j])) for j in range(rl.prompts_consumed)])
     return seen
@@ -79,30 +79,31 @@ class R1Pipeline:
         return self.init_from or "base"
 
     def stages(self) -> list[Step]:
-        cfg, mesh = self.cfg, self.mesh_spec
+        cfg, mesh, runs = self.cfg, self.mesh_spec, self.stage_runs()
         base = (record_step("base", {"init_from": self.init_from}, self.init_from) if self.init_from
-                else train_step("base", cfg.base, mesh_spec=mesh))
+                else train_step("base", runs["base"], mesh_spec=mesh))
         return [
             base,
-            Step("cold_start", self._cold_start, {"run": cfg.cold_start, "data": cfg.cold_start_data}, ("base",)),
-            train_step("reasoning_rl", cfg.reasoning_rl, inputs=("cold_start",), init_from="cold_start", mesh_spec=mesh),
+            Step("cold_start", self._cold_start, {"run": runs["cold_start"], "data": cfg.cold_start_data}, ("base",)),
+            train_step("reasoning_rl", runs["reasoning_rl"], inputs=("cold_start",), init_from="cold_start",
+                       mesh_spec=mesh),
             dataset_step("rejection_sampling", self._rejection_sampling, self._rejection_settings(), ("reasoning_rl",)),
-            train_step("sft", cfg.sft, inputs=("base", "rejection_sampling"), init_from=self.base_source,
+            train_step("sft", runs["sft"], inputs=("base", "rejection_sampling"), init_from=self.base_source,
                        data_from="rejection_sampling", mesh_spec=mesh),
-            train_step("final_rl", cfg.final_rl, inputs=("sft",), init_from="sft", mesh_spec=mesh),
-            train_step("r1_zero", cfg.r1_zero(), inputs=("base",), init_from=self.base_source, mesh_spec=mesh),
+            train_step("final_rl", runs["final_rl"], inputs=("sft",), init_from="sft", mesh_spec=mesh),
+            train_step("r1_zero", runs["r1_zero"], inputs=("base",), init_from=self.base_source, mesh_spec=mesh),
         ]
 
     def _cold_start(self, stage_dir: str, inputs: Mapping[str, str]) -> None:
-        cfg, data = self.cfg, self.cfg.cold_start_data
+        cfg, data, run = self.cfg, self.cfg.cold_start_data, self.cfg.stage_run("cold_start")
         path = os.path.join(stage_dir, datasets.DATA_FILE)
         if is_lead() and not os.path.exists(path):  # written atomically: present means whole
-            task = run_task(cfg.cold_start)
+            task = run_task(run)
             problems = datasets.fresh_problems(task, cfg.seed + COLD_START_OFFSET, data.examples, seen_problems(cfg))
             write_jsonl(path, datasets.cold_start_records(task, problems, data.retry_rate, cfg.template,
                                                           seed=cfg.seed + COLD_START_OFFSET))
         sync("cold start data")
-        runs.run(dataclasses.replace(cfg.cold_start, data=path), stage_dir, mesh_spec=self.mesh_spec,
+        runs.run(dataclasses.replace(run, data=path), stage_dir, mesh_spec=self.mesh_spec,
                  init_from=inputs.get(self.base_source, self.base_source))
 
     def _rejection_settings(self) -> dict[str, Any]:
@@ -113,19 +114,16 @@ class R1Pipeline:
                 "model": cfg.model, "seen": seen_problems_key(cfg)}
 
     def _rejection_sampling(self, stage_dir: str, inputs: Mapping[str, str]) -> None:
-        cfg = self.cfg
-        mesh = make_mesh(self.mesh_spec or "auto")
-        tokenizer = load_tokenizer(workdir_format.tokenizer_path(inputs["reasoning_rl"], cfg.reasoning_rl))
-        policy = load_model(cfg.reasoning_rl.model, inputs["reasoning_rl"], mesh,
-                            parse_rules(cfg.reasoning_rl.sharding_rules), cfg.reasoning_rl.compute_dtype)
+        cfg, rl = self.cfg, self.cfg.stage_run("reasoning_rl")
+        mesh, rules = make_mesh(self.mesh_spec or "auto"), parse_rules(rl.sharding_rules)
+        tokenizer = load_tokenizer(workdir_format.tokenizer_path(inputs["reasoning_rl"], rl))
+        policy = load_model(rl.model, inputs["reasoning_rl"], mesh, rules, rl.compute_dtype)
         write_rejection_dataset(stage_dir, policy, tokenizer, cfg, cfg.rejection_sampling,
-                                seed=cfg.seed + REJECTION_OFFSET, excluded=seen_problems(cfg), mesh=mesh,
-                                rules=parse_rules(cfg.reasoning_rl.sharding_rules))
+                                seed=cfg.seed + REJECTION_OFFSET, excluded=seen_problems(cfg), mesh=mesh, rules=rules)
 
     def stage_runs(self) -> dict[str, RunConfig]:
-        cfg = self.cfg
-        return {"base": cfg.base, "cold_start": cfg.cold_start, "reasoning_rl": cfg.reasoning_rl, "sft": cfg.sft,
-                "final_rl": cfg.final_rl, "r1_zero": cfg.r1_zero()}
+        """The run config of every stage that trains, by name."""
+        return {**{stage: self.cfg.stage_run(stage) for stage in RUN_STAGES}, "r1_zero": self.cfg.r1_zero()}
 
     def results(self, keys: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         """Every stage's row (its model measured once per stage key, cached in `report.json`),
@@ -144,7 +142,7 @@ class R1Pipeline:
                 continue
             outside = stage == "base" and self.init_from
             load = run_model_loader(runs[stage], self.init_from if outside else stage_dir, stage_dir)
-            measures = measure_step(stage_dir, load, cfg.final_rl, cfg.report, seed=cfg.seed, template=cfg.template,
+            measures = measure_step(stage_dir, load, runs["final_rl"], cfg.report, seed=cfg.seed, template=cfg.template,
                                     mesh=mesh)
             tokens = 0 if outside else report.run_tokens(stage_dir, runs[stage])
             rows[stage] = {**measures, "tokens": tokens}
@@ -161,7 +159,7 @@ def write_rejection_dataset(stage_dir: str, policy: nnx.Module, tokenizer: Token
     """R1 §2.3.3 into `stage_dir`: `rs.prompts` fresh reasoning problems (stream `seed`, none of
     `excluded`), `policy`'s samples kept by the filters, the non-reasoning share mixed in; the
     dataset, `rejected.jsonl`, `stats.json` and `DONE` (written by the lead process)."""
-    task = run_task(cfg.reasoning_rl)
+    task = run_task(cfg.stage_run("reasoning_rl"))
     problems = datasets.fresh_problems(task, seed, rs.prompts, excluded)
     result = rejection_sample(policy, task, problems, tokenizer=tokenizer, template=cfg.template, cfg=rs,
                               key=jax.random.key(seed), mesh=mesh, rules=rules)

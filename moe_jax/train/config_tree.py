@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from moe_jax.errors import InputError
 
-_IDENTITY, _NEUTRAL = "identity", "neutral"
+_IDENTITY, _NEUTRAL, _DERIVED = "identity", "neutral", "derived"
 
 
 def not_identity(default: Any = dataclasses.MISSING, *, why: str, default_factory: Any = dataclasses.MISSING
@@ -38,18 +38,48 @@ def added(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={_NEUTRAL: default})
 
 
+def derived_part(default_factory: Callable[[], Any], *, derived: tuple[str, ...]) -> Any:
+    """A part of a tree whose fields at the `derived` paths (relative to the part) are not its own:
+    the tree computes them from its other fields (a pipeline stage's model is the pipeline's). They
+    are no flags, and no part of the tree's identity or of what it saves."""
+    return dataclasses.field(default_factory=default_factory, metadata={_DERIVED: derived})
+
+
+def derived_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every path of `cls`'s tree that a `derived_part` leaves to the tree, to any depth."""
+    paths = []
+    for field in dataclasses.fields(cls):
+        paths += [f"{prefix}{field.name}.{p}" for p in field.metadata.get(_DERIVED, ())]
+        inner = nested_class(cls, field.name)
+        if inner is not None:
+            paths += derived_paths(inner, f"{prefix}{field.name}.")
+    return paths
+
+
 def _is_identity(field: dataclasses.Field, value: Any) -> bool:
     if not field.metadata.get(_IDENTITY, True):
         return False
     return not (_NEUTRAL in field.metadata and value == field.metadata[_NEUTRAL])
 
 
-def identity(tree: Any) -> Any:
+def _own_fields(tree: Any, derived: tuple[str, ...]) -> Iterator[tuple[dataclasses.Field, Any, tuple[str, ...]]]:
+    """(field, value, the derived paths inside it) of a dataclass, but the fields `derived` names."""
+    for field in dataclasses.fields(tree):
+        if field.name not in derived:
+            inside = tuple(p.split(".", 1)[1] for p in derived if p.startswith(field.name + "."))
+            yield field, getattr(tree, field.name), inside + field.metadata.get(_DERIVED, ())
+
+
+def _is_config(tree: Any) -> bool:
+    return dataclasses.is_dataclass(tree) and not isinstance(tree, type)
+
+
+def identity(tree: Any, derived: tuple[str, ...] = ()) -> Any:
     """The JSON-able identity of a config tree (dataclasses, mappings, sequences, scalars): every
-    field but those `not_identity` declares and those `added` at their neutral value."""
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return {f.name: identity(getattr(tree, f.name)) for f in dataclasses.fields(tree)
-                if _is_identity(f, getattr(tree, f.name))}
+    field but those `not_identity` declares, those `added` at their neutral value and those a
+    `derived_part` leaves to its tree."""
+    if _is_config(tree):
+        return {f.name: identity(v, inside) for f, v, inside in _own_fields(tree, derived) if _is_identity(f, v)}
     if isinstance(tree, Mapping):
         return {str(k): identity(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -57,10 +87,11 @@ def identity(tree: Any) -> Any:
     return tree
 
 
-def as_json(tree: Any) -> Any:
-    """`identity`'s shape with every field kept (what a person reads in a step's record)."""
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return {f.name: as_json(getattr(tree, f.name)) for f in dataclasses.fields(tree)}
+def as_json(tree: Any, derived: tuple[str, ...] = ()) -> Any:
+    """A config tree as JSON-able values: `identity`'s shape with the fields outside the identity
+    kept (what a person reads in a step's record, what a tree saves)."""
+    if _is_config(tree):
+        return {f.name: as_json(v, inside) for f, v, inside in _own_fields(tree, derived)}
     if isinstance(tree, Mapping):
         return {str(k): as_json(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -68,13 +99,14 @@ def as_json(tree: Any) -> Any:
     return tree
 
 
-def non_identity_paths(tree: Any, prefix: str = "") -> set[str]:
-    """The dotted paths (in `as_json(tree)`) that `identity(tree)` leaves out."""
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        paths = set()
-        for f in dataclasses.fields(tree):
-            value = getattr(tree, f.name)
-            paths |= {prefix + f.name} if not _is_identity(f, value) else non_identity_paths(value, f"{prefix}{f.name}.")
+def non_identity_paths(tree: Any, prefix: str = "", derived: tuple[str, ...] = ()) -> set[str]:
+    """The dotted paths of a config tree (as `dataclasses.asdict` has them) that `identity(tree)`
+    leaves out."""
+    if _is_config(tree):
+        paths = {prefix + p for p in derived}
+        for f, value, inside in _own_fields(tree, derived):
+            paths |= {prefix + f.name} if not _is_identity(f, value) else non_identity_paths(
+                value, f"{prefix}{f.name}.", inside)
         return paths
     if isinstance(tree, Mapping):
         return set().union(*(non_identity_paths(v, f"{prefix}{k}.") for k, v in tree.items()))
@@ -239,13 +271,14 @@ def build(cls: type, tree: Mapping[str, Any], prefix: str = "") -> Any:
 
 class TreeConfig:
     """What a frozen-dataclass config tree that is not a run (a pipeline's, a distillation's) needs
-    to be saved and read back: `to_dict`, and `from_dict` of its nested-dict shape."""
+    to be saved and read back: `to_dict` (its own fields: what its parts derive from it is left
+    out), and `from_dict` of its nested-dict shape."""
 
     MOVED_FIELDS: ClassVar[Mapping[str, str]] = {}
     RETIRED_FIELDS: ClassVar[Mapping[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return as_json(self)
 
     @classmethod
     def migrate(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
