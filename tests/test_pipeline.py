@@ -18,7 +18,7 @@ from moe_jax.data.tokenizer import UNKNOWN_ID_TEXT
 from moe_jax.errors import InputError
 from moe_jax.pipeline import datasets, report
 from moe_jax.pipeline.config import RUN_STAGES, PipelineConfig, RejectionConfig
-from moe_jax.pipeline.r1 import COLD_START_OFFSET, REJECTION_OFFSET, seen_problems
+from moe_jax.pipeline.prompts import COLD_START_OFFSET, REJECTION_OFFSET, seen_problems
 from moe_jax.pipeline.rejection import rejection_reason
 from moe_jax.train import config_tree
 

@@ -38,7 +38,9 @@ from moe_jax.parallel import make_mesh
 from moe_jax.parallel.distributed import is_lead
 from moe_jax.pipeline import datasets, report
 from moe_jax.pipeline.executor import Step, run_steps, step_key
-from moe_jax.pipeline.r1 import run_pipeline, seen_problems, write_rejection_dataset
+from moe_jax.pipeline.prompts import TRACES_OFFSET, heldout_problems, seen_problems
+from moe_jax.pipeline.r1 import run_pipeline
+from moe_jax.pipeline.rejection import write_rejection_dataset
 from moe_jax.pipeline.steps import (
     dataset_step,
     finished_run,
@@ -51,7 +53,6 @@ from moe_jax.rl.config import GRPOConfig
 from moe_jax.train import workdir as workdir_format
 from moe_jax.train.experiment_config import RunConfig, run_task
 
-TRACES_OFFSET = 5_000_011  # the teacher's trace prompts: stream pipeline.seed + this (no other stage's)
 TEACHER_STAGE = "final_rl"  # the pipeline stage that teaches when the distillation runs its own pipeline
 
 
@@ -122,7 +123,7 @@ class Distillation:
         for offset in range(cfg.study.seeds):
             for run in map(cfg.stage_run, STUDENT_RUNS):
                 seen |= {datasets.problem_identity(p) for p in
-                         report.heldout_problems(run_task(run), run.seed + offset, run.loop.eval_problems)}
+                         heldout_problems(run_task(run), run.seed + offset, run.loop.eval_problems)}
         return seen
 
     def _write_traces(self, stage_dir: str, inputs: Mapping[str, str]) -> None:

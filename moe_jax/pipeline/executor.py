@@ -159,7 +159,7 @@ def _supersede(workdir: str, step_dir: str, old_key: str) -> str:
 def _rekeyable(record: Mapping[str, Any], step: Step, input_keys: Mapping[str, Sequence[str]]) -> bool:
     """Whether a folder keyed by an older rule computed what `step` computes today: its recorded
     config equals today's on the identity, and its inputs were computed under their keys."""
-    recorded = record.get("settings", record.get("config"))
+    recorded = record.get("settings")
     dropped = config_tree.non_identity_paths(step.config)
     same_config = config_tree.without_paths(recorded, dropped) == config_tree.identity(step.config)
     return same_config and all(record.get("inputs", {}).get(name) in input_keys[name] for name in step.inputs)
@@ -210,10 +210,10 @@ def _run_step(step: Step, step_dir: str, key: str, record: Mapping[str, Any] | N
               input_dirs: Mapping[str, str]) -> None:
     with lock_workdir(step_dir):
         resuming = record is not None  # an attempt under this key began here: its run resumes
-        attempts = record["attempts"] if resuming else []
+        previous = record or {}
+        attempts = previous.get("attempts", [])
         record = {"stage": step.name, "key": key, "inputs": dict(input_keys), "settings": config_tree.as_json(step.config),
-                  "attempts": attempts, **({"rekeyed_from": record["rekeyed_from"]} if record and "rekeyed_from" in record
-                                           else {})}
+                  "attempts": attempts, "rekeyed_from": previous.get("rekeyed_from", [])}
         _write_record(step_dir, record)
         logging.info("stage %s: %s (key %s)", step.name, "resuming" if resuming else "running", key)
         start = time.time()

@@ -19,49 +19,23 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-from absl import logging
-from flax import nnx
-
 from moe_jax import runs
-from moe_jax.data.pipelines import problem_at, rl_prompt_order
 from moe_jax.data.records import write_jsonl
-from moe_jax.data.tasks import Problem
-from moe_jax.data.tokenizer import Tokenizer, load_tokenizer
+from moe_jax.data.tokenizer import load_tokenizer
 from moe_jax.parallel import make_mesh, parse_rules
 from moe_jax.parallel.distributed import is_lead, sync
-from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline import datasets, report
-from moe_jax.pipeline.config import RUN_STAGES, STAGES, PipelineConfig, RejectionConfig
-from moe_jax.pipeline.executor import Step, run_steps, step_key, step_seconds
-from moe_jax.pipeline.rejection import rejection_sample, removal_summary
+from moe_jax.pipeline.config import RUN_STAGES, STAGES, PipelineConfig
+from moe_jax.pipeline.executor import Step, run_steps, step_seconds
+from moe_jax.pipeline.prompts import COLD_START_OFFSET, REJECTION_OFFSET, seen_problems, seen_problems_key
+from moe_jax.pipeline.rejection import write_rejection_dataset
 from moe_jax.pipeline.steps import dataset_step, measure_step, record_step, run_model_loader, train_step
 from moe_jax.train import workdir as workdir_format
 from moe_jax.train.context import load_model
 from moe_jax.train.experiment_config import RunConfig, run_task
 from moe_jax.train.workdir import write_text_atomically
 
-# Each dataset stage draws its problems from a stream of its own (seed + offset), so that no two
-# stages, and no eval set, share a stream.
-COLD_START_OFFSET, REJECTION_OFFSET, NON_REASONING_OFFSET = 2_000_003, 3_000_017, 4_000_037
 PIPELINE_CONFIG_FILE = "pipeline.json"
-
-
-def _identities(problems: Sequence[Problem]) -> set[str]:
-    return {datasets.problem_identity(p) for p in problems}
-
-
-def seen_problems(cfg: PipelineConfig) -> set[str]:
-    """The identities of every problem an eval set or the reasoning-RL stage poses: what the
-    cold-start and rejection-sampling prompts must avoid."""
-    seen: set[str] = set()
-    for run in map(cfg.stage_run, RUN_STAGES):
-        seen |= _identities(report.heldout_problems(run_task(run), cfg.seed, run.loop.eval_problems))
-    seen |= _identities(report.heldout_problems(run_task(cfg.stage_run("final_rl")), cfg.seed, cfg.report.problems))
-    rl = cfg.stage_run("reasoning_rl")
-    order = rl_prompt_order(rl.seed)
-    seen |= _identities([problem_at(run_task(rl), rl.seed, int(order[j])) for j in range(rl.prompts_consumed)])
-    return seen
 
 
 @dataclasses.dataclass
@@ -151,37 +125,6 @@ class R1Pipeline:
             columns = [c.format(task=reasoning, k=k, non_reasoning=cfg.non_reasoning) for c in report.COLUMNS]
             report.write_results(self.workdir, rows, columns, f"R1 pipeline ({cfg.task}, seed {cfg.seed})")
         return rows
-
-
-def write_rejection_dataset(stage_dir: str, policy: nnx.Module, tokenizer: Tokenizer, cfg: PipelineConfig,
-                            rs: RejectionConfig, *, seed: int, excluded: set[str], mesh: jax.sharding.Mesh,
-                            rules: Rules | None = None) -> None:
-    """R1 §2.3.3 into `stage_dir`: `rs.prompts` fresh reasoning problems (stream `seed`, none of
-    `excluded`), `policy`'s samples kept by the filters, the non-reasoning share mixed in; the
-    dataset, `rejected.jsonl`, `stats.json` and `DONE` (written by the lead process)."""
-    task = run_task(cfg.stage_run("reasoning_rl"))
-    problems = datasets.fresh_problems(task, seed, rs.prompts, excluded)
-    result = rejection_sample(policy, task, problems, tokenizer=tokenizer, template=cfg.template, cfg=rs,
-                              key=jax.random.key(seed), mesh=mesh, rules=rules)
-    non_reasoning = cfg.non_reasoning_task()
-    if not result.records:
-        logging.warning("rejection sampling kept no sample (%s): the SFT data is the non-reasoning examples "
-                        "alone. Train the policy longer, or sample more", removal_summary(result.stats))
-    extra = datasets.mixed_count(rs.prompts, cfg.non_reasoning_share)
-    mixed = datasets.non_reasoning_records(non_reasoning, cfg.seed + NON_REASONING_OFFSET, extra, cfg.template,
-                                           excluded | _identities(problems))
-    stats = {**result.stats, non_reasoning.name: {"generated": len(mixed)},
-             "total": {**removal_summary(result.stats), "records": len(result.records) + len(mixed),
-                       "tokens_sampled": result.tokens, "seconds": result.seconds}}
-    if is_lead():
-        datasets.write_dataset(stage_dir, result.records + mixed, stats, rs.array_record_above, result.rejected)
-        workdir_format.mark_done(stage_dir, 0, stats["total"])
-    sync("rejection sampling written")
-
-
-def seen_problems_key(cfg: PipelineConfig) -> str:
-    """A short hash of the problems rejection sampling must avoid (they follow from the config)."""
-    return step_key({"seen": sorted(seen_problems(cfg))}, [])
 
 
 def run_pipeline(cfg: PipelineConfig, workdir: str, *, mesh_spec: str | None = None, init_from: str | None = None,

@@ -30,15 +30,21 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
+from absl import logging
 
 from moe_jax.data.language import language_share
 from moe_jax.data.tasks import Problem, Task, problem_language
 from moe_jax.data.tokenizer import UNKNOWN_ID_TEXT, Tokenizer
 from moe_jax.models import Transformer
+from moe_jax.parallel.distributed import is_lead, sync
 from moe_jax.parallel.rules import Rules
-from moe_jax.pipeline.config import RejectionConfig
+from moe_jax.pipeline import datasets
+from moe_jax.pipeline.config import PipelineConfig, RejectionConfig
 from moe_jax.pipeline.datasets import task_record
+from moe_jax.pipeline.prompts import NON_REASONING_OFFSET, identities
 from moe_jax.rl.sampling import stream_problems
+from moe_jax.train import workdir as workdir_format
+from moe_jax.train.experiment_config import run_task
 
 FILTERS = ("template", "verifier", "language", "length", "duplicate")
 # A sixteenth of the rows refill together: few rows wait idle for a refill, and each refill's
@@ -120,3 +126,29 @@ def removal_summary(stats: dict[str, Any]) -> dict[str, Any]:
             totals["kept"] += counts["kept"]
             totals.update({f"removed/{name}": n for name, n in counts["removed"].items()})
     return dict(totals)
+
+
+def write_rejection_dataset(stage_dir: str, policy: Transformer, tokenizer: Tokenizer, cfg: PipelineConfig,
+                            rs: RejectionConfig, *, seed: int, excluded: set[str], mesh: jax.sharding.Mesh,
+                            rules: Rules | None = None) -> None:
+    """R1 §2.3.3 into `stage_dir`: `rs.prompts` fresh reasoning problems (stream `seed`, none of
+    `excluded`), `policy`'s samples kept by the filters, the non-reasoning share mixed in; the
+    dataset, `rejected.jsonl`, `stats.json` and `DONE` (written by the lead process)."""
+    task = run_task(cfg.stage_run("reasoning_rl"))
+    problems = datasets.fresh_problems(task, seed, rs.prompts, excluded)
+    result = rejection_sample(policy, task, problems, tokenizer=tokenizer, template=cfg.template, cfg=rs,
+                              key=jax.random.key(seed), mesh=mesh, rules=rules)
+    non_reasoning = cfg.non_reasoning_task()
+    if not result.records:
+        logging.warning("rejection sampling kept no sample (%s): the SFT data is the non-reasoning examples "
+                        "alone. Train the policy longer, or sample more", removal_summary(result.stats))
+    extra = datasets.mixed_count(rs.prompts, cfg.non_reasoning_share)
+    mixed = datasets.non_reasoning_records(non_reasoning, cfg.seed + NON_REASONING_OFFSET, extra, cfg.template,
+                                           excluded | identities(problems))
+    stats = {**result.stats, non_reasoning.name: {"generated": len(mixed)},
+             "total": {**removal_summary(result.stats), "records": len(result.records) + len(mixed),
+                       "tokens_sampled": result.tokens, "seconds": result.seconds}}
+    if is_lead():
+        datasets.write_dataset(stage_dir, result.records + mixed, stats, rs.array_record_above, result.rejected)
+        workdir_format.mark_done(stage_dir, 0, stats["total"])
+    sync("rejection sampling written")

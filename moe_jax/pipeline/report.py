@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax.data.pipelines import problem_at
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
 from moe_jax.models import Transformer
@@ -32,18 +31,12 @@ from moe_jax.parallel.rules import Rules
 from moe_jax.pipeline.config import ReportConfig
 from moe_jax.pipeline.executor import step_key
 from moe_jax.rl.sampling import sample_problems
-from moe_jax.train.evaluation import heldout_seed
 from moe_jax.train.experiment_config import RunConfig
 from moe_jax.train.metrics import METRICS_FILE, read_metrics
 from moe_jax.train.workdir import read_json, write_text_atomically
 
 RESULTS_MD, RESULTS_CSV, RESULTS_PNG = "results.md", "results.csv", "results.png"
 REPORT_FILE = "report.json"  # a stage's measures, cached under its key
-
-
-def heldout_problems(task: Task, seed: int, count: int) -> list[Problem]:
-    """The report's held-out problems: the first `count` of the held-out stream (the evaluators' own)."""
-    return [problem_at(task, heldout_seed(seed), i) for i in range(count)]
 
 
 def measure(policy: Transformer, task: Task, problems: Sequence[Problem], cfg: ReportConfig, *,

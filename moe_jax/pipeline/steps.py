@@ -28,6 +28,7 @@ from moe_jax.parallel.distributed import is_lead
 from moe_jax.pipeline import datasets, report
 from moe_jax.pipeline.config import ReportConfig
 from moe_jax.pipeline.executor import Step, step_keys, step_seconds
+from moe_jax.pipeline.prompts import heldout_problems
 from moe_jax.train import workdir as workdir_format
 from moe_jax.train.context import load_model
 from moe_jax.train.evaluation import heldout_seed
@@ -109,7 +110,7 @@ def measure_step(step_dir: str, load: Callable[[jax.sharding.Mesh], tuple[Transf
     def measure() -> dict[str, float]:
         model, tokenizer = load(mesh)
         task = run_task(evaluated)
-        problems = report.heldout_problems(task, seed, cfg.problems)
+        problems = heldout_problems(task, seed, cfg.problems)
         measures = report.measure(model, task, problems, cfg, tokenizer=tokenizer, template=template,
                                   key=jax.random.key(heldout_seed(seed)), mesh=mesh)
         return {**measures, "params": count_params(model.cfg)["total"]}
