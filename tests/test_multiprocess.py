@@ -6,6 +6,7 @@ scaling) is reduced over the processes. (DAPO dynamic sampling is left out of th
 process refills its own share of groups, so which groups are kept depends on the process count.)"""
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -166,3 +167,55 @@ def test_rejection_sampling_dataset_is_the_same_on_one_and_two_processes(tmp_pat
         assert (runs["one"] / name).read_text() == (runs["two"] / name).read_text(), name
     assert len((runs["one"] / "rejected.jsonl").read_text().splitlines()) + len(
         (runs["one"] / "data.jsonl").read_text().splitlines()) == 24 * 4
+
+
+EXECUTOR_SCRIPT = """
+import json, os, sys
+from moe_jax.parallel.distributed import initialize_distributed, is_lead
+
+workdir, change, coordinator, index = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+initialize_distributed(coordinator, 2, index)
+import jax
+from moe_jax.pipeline.executor import Step, run_steps
+from moe_jax.train.workdir import mark_done
+
+calls = []
+
+def step(name, inputs, config):
+    def fn(step_dir, input_dirs):
+        calls.append(name)
+        if is_lead():
+            with open(os.path.join(step_dir, "output.txt"), "a") as f:
+                f.write(f"{config} of {jax.process_count()}\\n")
+            mark_done(step_dir, 1, {})
+    return Step(name, fn, config, inputs, ("output.txt",))
+
+keys = run_steps(workdir, [step("a", (), {"x": 1}), step("b", ("a",), {"y": 2 + change}), step("c", ("b",), {"z": 3})])
+print("RESULT " + json.dumps({"calls": calls, "keys": keys}))
+"""
+
+
+@pytest.mark.slow
+def test_the_executor_on_two_processes_runs_skips_and_redoes_each_step_once(tmp_path):
+    """Both processes run every step (one program); the lead alone writes; a rerun skips; a change
+    supersedes the step and its reader on both."""
+    workdir = tmp_path / "graph"
+
+    def run(change: int) -> list[dict]:
+        coordinator = f"localhost:{_free_port()}"
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        processes = [subprocess.Popen([sys.executable, "-c", EXECUTOR_SCRIPT, str(workdir), str(change), coordinator,
+                                       str(i)], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT) for i in range(2)]
+        outputs = [p.communicate(timeout=300)[0] for p in processes]
+        assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
+        return [json.loads(line.split("RESULT ", 1)[1]) for out in outputs for line in out.splitlines()
+                if line.startswith("RESULT ")]
+
+    first = run(0)
+    assert [r["calls"] for r in first] == [["a", "b", "c"]] * 2 and first[0]["keys"] == first[1]["keys"]
+    assert (workdir / "b" / "output.txt").read_text() == "{'y': 2} of 2\n"  # written once, by the lead
+    assert [r["calls"] for r in run(0)] == [[], []]
+    changed = run(1)
+    assert [r["calls"] for r in changed] == [["b", "c"]] * 2
+    assert sorted(os.listdir(workdir / "superseded")) == [f"b-{first[0]['keys']['b']}", f"c-{first[0]['keys']['c']}"]

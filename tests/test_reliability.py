@@ -92,30 +92,33 @@ def _data_files(step_dir, item):
     return [f for f in glob.glob(f"{step_dir}/{item}/ocdbt.process_0/d/*") if os.path.getsize(f) >= 4096]
 
 
-def _orbax_restores(workdir, step) -> bool:
+def _orbax_model(workdir, step):
+    """Step `step`'s model arrays as Orbax restores them, or None when it cannot."""
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
     try:
-        manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
-        return True
+        return manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))["model"]
     except Exception:  # noqa: BLE001 - any failure means "not silent"
-        return False
+        return None
     finally:
         manager.close()
 
 
 def _flip_bits(workdir, step):
-    """Flip 4 bits in each model data file where Orbax still restores without a word: inside a
-    stored array's bytes, not a compressed block's header (where the files' layout puts those
-    depends on the order the async writes landed in, so a few places are tried)."""
+    """Flip 4 bits in each model data file where Orbax still restores without a word and some
+    array's values changed: inside a stored array's bytes, not a compressed block's header nor
+    bytes no array reads (where the files' layout puts those depends on the order the async writes
+    landed in, so a few places are tried)."""
     files = [pathlib.Path(f) for f in _data_files(f"{workdir}/checkpoints/{step}", "model")]
     originals = {path: path.read_bytes() for path in files}
+    intact = jax.tree.leaves(_orbax_model(workdir, step))
     for fraction in (0.5, 0.55, 0.45, 0.6, 0.4, 0.65, 0.35, 0.7):
         for path, original in originals.items():
             data = bytearray(original)
             for i in range(4):
                 data[int(len(data) * fraction) + 37 * i] ^= 0x10
             path.write_bytes(bytes(data))
-        if _orbax_restores(workdir, step):
+        damaged = _orbax_model(workdir, step)
+        if damaged is not None and any(not np.array_equal(a, b) for a, b in zip(intact, jax.tree.leaves(damaged))):
             return
     raise AssertionError(f"no place in step {step}'s files where flipped bits restore silently")
 
