@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
@@ -270,9 +271,10 @@ def build(cls: type, tree: Mapping[str, Any], prefix: str = "") -> Any:
 
 
 class TreeConfig:
-    """What a frozen-dataclass config tree that is not a run (a pipeline's, a distillation's) needs
-    to be saved and read back: `to_dict` (its own fields: what its parts derive from it is left
-    out), and `from_dict` of its nested-dict shape."""
+    """What a frozen-dataclass config tree (a run's, a pipeline's, a distillation's) needs to be
+    saved and read back: `to_dict` (its own fields: what its parts derive from it is left out),
+    `to_json`, and `from_dict` of that shape, today's or an older one (`migrate`: `MOVED_FIELDS`
+    maps old flat names to their paths, `RETIRED_FIELDS` names the fields dropped, with why)."""
 
     MOVED_FIELDS: ClassVar[Mapping[str, str]] = {}
     RETIRED_FIELDS: ClassVar[Mapping[str, str]] = {}
@@ -280,10 +282,19 @@ class TreeConfig:
     def to_dict(self) -> dict[str, Any]:
         return as_json(self)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
     @classmethod
     def migrate(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
-        return nest(fields)
+        """A saved config's fields in today's shape: moved flat names put at their paths, retired
+        ones dropped."""
+        moved = {cls.MOVED_FIELDS[k]: v for k, v in fields.items() if k in cls.MOVED_FIELDS}
+        kept = {k: v for k, v in fields.items() if k not in cls.MOVED_FIELDS and k not in cls.RETIRED_FIELDS}
+        return nest({**kept, **moved})
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> Any:
+        """Inverse of `to_dict`; a part given in part keeps its other fields' defaults; unknown
+        fields are an error."""
         return build(cls, cls.migrate(fields))

@@ -15,7 +15,6 @@ dropped with the reason.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -104,8 +103,10 @@ class CorpusConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """What every kind of run has; the kinds (`ExperimentConfig`, `GRPOConfig`, ...) add parts."""
+class RunConfig(config_tree.TreeConfig):
+    """What every kind of run has; the kinds (`ExperimentConfig`, `GRPOConfig`, ...) add parts.
+    `to_dict` / `to_json` / `from_dict` (a workdir's `config.json`, today's or an older one) are
+    `config_tree.TreeConfig`'s."""
 
     # Old flat field -> its path now (a saved config.json or a flag may still use the old name).
     MOVED_FIELDS: ClassVar[Mapping[str, str]] = {
@@ -149,25 +150,6 @@ class RunConfig:
         """A copy with `model` fields changed (both configs re-validate)."""
         return dataclasses.replace(self, model=dataclasses.replace(self.model, **changes))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def migrate(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """A saved config's fields in today's shape: moved flat names put at their paths,
-        retired ones dropped."""
-        moved = {cls.MOVED_FIELDS[k]: v for k, v in fields.items() if k in cls.MOVED_FIELDS}
-        kept = {k: v for k, v in fields.items() if k not in cls.MOVED_FIELDS and k not in cls.RETIRED_FIELDS}
-        return config_tree.nest({**kept, **moved})
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> RunConfig:
-        """Inverse of `to_dict` (a workdir's `config.json`, today's or an older one); a part given
-        in part keeps its other fields' defaults; unknown fields are an error."""
-        return config_tree.build(cls, cls.migrate(fields))
 
 
 @dataclasses.dataclass(frozen=True)
