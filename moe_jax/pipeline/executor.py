@@ -181,7 +181,10 @@ def run_steps(workdir: str, steps: Sequence[Step], *, only: Sequence[str] = ()) 
             raise ValueError(f"step {step.name!r} reads {missing}, which do not run before it")
         key = keys[step.name] = step_key(step.config, [keys[name] for name in step.inputs])
         step_dir = os.path.join(workdir, step.name)
-        record = read_step(step_dir)
+        # Every process decides from the files as the lead left them, before the lead writes again.
+        sync(f"read step {step.name}")
+        record, exists, done = read_step(step_dir), os.path.exists(step_dir), workdir_format.read_done(step_dir)
+        sync(f"decided step {step.name}")
         if record is not None and record["key"] != key and _rekeyable(record, step, known):
             logging.info("step %s: re-keyed %s -> %s (computed under an older key rule; its config agrees with "
                          "today's)", step.name, record["key"], key)
@@ -189,12 +192,12 @@ def run_steps(workdir: str, steps: Sequence[Step], *, only: Sequence[str] = ()) 
                       "inputs": {name: keys[name] for name in step.inputs}}
             _write_record(step_dir, record)
         known[step.name] = [key, *(record or {}).get("rekeyed_from", [])]
-        if record is not None and record["key"] == key and workdir_format.read_done(step_dir) is not None:
+        if record is not None and record["key"] == key and done is not None:
             logging.info("stage %s: done (key %s), skipped", step.name, key)
             continue
         for name in step.inputs:  # every input ran (or was skipped) above: done; its outputs must be intact
             check_outputs(os.path.join(workdir, name))
-        if os.path.exists(step_dir) and (record is None or record["key"] != key):
+        if exists and (record is None or record["key"] != key):
             old = "unkeyed" if record is None else record["key"]
             why = ("has no stage.json (not this graph's, or killed before it was written)" if record is None
                    else f"was computed under another config or inputs (key {old} -> {key})")
