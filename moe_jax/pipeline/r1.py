@@ -53,19 +53,19 @@ class R1Pipeline:
         return self.init_from or "base"
 
     def stages(self) -> list[Step]:
-        cfg, mesh, runs = self.cfg, self.mesh_spec, self.stage_runs()
+        cfg, mesh, run_of = self.cfg, self.mesh_spec, self.stage_runs()
         base = (record_step("base", {"init_from": self.init_from}, self.init_from) if self.init_from
-                else train_step("base", runs["base"], mesh_spec=mesh))
+                else train_step("base", run_of["base"], mesh_spec=mesh))
         return [
             base,
-            Step("cold_start", self._cold_start, {"run": runs["cold_start"], "data": cfg.cold_start_data}, ("base",)),
-            train_step("reasoning_rl", runs["reasoning_rl"], inputs=("cold_start",), init_from="cold_start",
+            Step("cold_start", self._cold_start, {"run": run_of["cold_start"], "data": cfg.cold_start_data}, ("base",)),
+            train_step("reasoning_rl", run_of["reasoning_rl"], inputs=("cold_start",), init_from="cold_start",
                        mesh_spec=mesh),
             dataset_step("rejection_sampling", self._rejection_sampling, self._rejection_settings(), ("reasoning_rl",)),
-            train_step("sft", runs["sft"], inputs=("base", "rejection_sampling"), init_from=self.base_source,
+            train_step("sft", run_of["sft"], inputs=("base", "rejection_sampling"), init_from=self.base_source,
                        data_from="rejection_sampling", mesh_spec=mesh),
-            train_step("final_rl", runs["final_rl"], inputs=("sft",), init_from="sft", mesh_spec=mesh),
-            train_step("r1_zero", runs["r1_zero"], inputs=("base",), init_from=self.base_source, mesh_spec=mesh),
+            train_step("final_rl", run_of["final_rl"], inputs=("sft",), init_from="sft", mesh_spec=mesh),
+            train_step("r1_zero", run_of["r1_zero"], inputs=("base",), init_from=self.base_source, mesh_spec=mesh),
         ]
 
     def _cold_start(self, stage_dir: str, inputs: Mapping[str, str]) -> None:
