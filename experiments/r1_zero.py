@@ -25,7 +25,9 @@ from moe_jax.experiment_main import (
     setup_from_flags,
     user_errors_in_one_line,
 )
+from moe_jax.parallel.distributed import is_lead
 from moe_jax.recipes import r1_zero_base_config
+from moe_jax.train import workdir as workdir_format
 
 # The recipes (moe_jax.recipes): --recipe=arithmetic is r1-zero-arithmetic, countdown r1-zero-countdown.
 define_flags("r1-zero-arithmetic", prefix="r1-zero-")
@@ -50,9 +52,13 @@ def main(argv: list[str]) -> None:
     base = r1_zero_base_config(rl, FLAGS.base_steps or recipe.base_steps,
                                recipe.base_error_rate if FLAGS.base_error_rate is None else FLAGS.base_error_rate)
     with user_errors_in_one_line():
+        if is_lead():
+            workdir_format.unmark_done(FLAGS.workdir)
         run_and_report(runs.run, base, base_dir, mesh_spec=FLAGS.mesh, allow_config_change=FLAGS.allow_config_change)
-        run_and_report(runs.run, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
-                       init_from=base_dir, allow_config_change=FLAGS.allow_config_change)
+        result = run_and_report(runs.run, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
+                                init_from=base_dir, allow_config_change=FLAGS.allow_config_change)
+        if result["status"] == "finished" and is_lead():  # the command's DONE, what a sweep's point waits for
+            workdir_format.mark_done(FLAGS.workdir, result["step"], {})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from moe_jax.configs import ModelConfig, get_preset, list_presets
 from moe_jax.train import config_tree
 from moe_jax.train.experiment_config import ExperimentConfig, RunConfig
 
-_PREFIX = "config."
+CONFIG_PREFIX = "config."
 # The config class each FlagValues' --config flags were defined for (for parse_flags' messages).
 _DEFINED_FOR: dict[int, type[RunConfig]] = {}
 
@@ -46,7 +46,7 @@ def _scalar_type(annotation) -> type:
     return annotation
 
 
-def _override_fields(config_class: type[RunConfig]) -> dict[str, tuple[type, str]]:
+def override_fields(config_class: type[RunConfig]) -> dict[str, tuple[type, str]]:
     """Flag name -> (type, help) for every scalar field of the config tree (but the paths a tree
     derives from its other fields: `config_tree.derived_part`, e.g. a pipeline stage's model)."""
     derived = tuple(config_tree.derived_paths(config_class))
@@ -55,7 +55,7 @@ def _override_fields(config_class: type[RunConfig]) -> dict[str, tuple[type, str
         if any(path == d or path.startswith(d + ".") for d in derived):
             continue
         kind = _scalar_type(hint)
-        fields[_PREFIX + path] = (kind, f"override {owner.__name__}.{path.rsplit('.', 1)[-1]} ({kind.__name__})")
+        fields[CONFIG_PREFIX + path] = (kind, f"override {owner.__name__}.{path.rsplit('.', 1)[-1]} ({kind.__name__})")
     return fields
 
 
@@ -68,7 +68,7 @@ def define_config_flags(default: str = "tiny-moe", flag_values: flags.FlagValues
                         flag_values=flag_values)
     definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
                 str: flags.DEFINE_string}
-    for name, (kind, help_text) in _override_fields(config_class).items():
+    for name, (kind, help_text) in override_fields(config_class).items():
         definers[kind](name, None, help_text, flag_values=flag_values)
     _DEFINED_FOR[id(flag_values)] = config_class
 
@@ -79,43 +79,50 @@ def _unknown_config_flags(argv: list[str], known: set[str]) -> list[str]:
         if arg == "--":
             break
         name = arg.lstrip("-").split("=", 1)[0]
-        if name.startswith("no" + _PREFIX):
+        if name.startswith("no" + CONFIG_PREFIX):
             name = name[2:]
-        if name.startswith(_PREFIX) and name not in known:
+        if name.startswith(CONFIG_PREFIX) and name not in known:
             unknown.append(name)
     return unknown
 
 
 def _why_unknown(name: str, config_class: type[RunConfig] | None) -> str:
-    field = name.removeprefix(_PREFIX)
+    field = name.removeprefix(CONFIG_PREFIX)
     if config_class is not None and field in config_class.MOVED_FIELDS:
-        return f"{name}: moved, now --{_PREFIX}{config_class.MOVED_FIELDS[field]}\n"
+        return f"{name}: moved, now --{CONFIG_PREFIX}{config_class.MOVED_FIELDS[field]}\n"
     if config_class is not None and field in config_class.RETIRED_FIELDS:
         return f"{name}: removed, {config_class.RETIRED_FIELDS[field]}\n"
     return ""
+
+
+def valid_fields(config_class: type[RunConfig], part: str = "") -> list[str]:
+    """The override paths of `config_class` under `part` (e.g. "model."); for the whole tree, the
+    run's fields, then the model's long list summed up."""
+    valid = [name.removeprefix(CONFIG_PREFIX) for name in override_fields(config_class)]
+    valid = [name for name in valid if name.startswith(part)]
+    if part:
+        return valid
+    model_fields = [name for name in valid if name.startswith("model.")]
+    return [name for name in valid if not name.startswith("model.")] + (
+        [f"model.<one of {len(model_fields)} ModelConfig fields: --helpfull lists them>"] if model_fields else [])
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """absl's parser, but an unknown `--config.<path>` is reported with the valid fields of its
     part (and, for a field that moved, its new path) (pass as
     `app.run(main, flags_parser=config_flags.parse_flags)`)."""
-    known = {name for name in flag_values if name.startswith(_PREFIX)}
+    known = {name for name in flag_values if name.startswith(CONFIG_PREFIX)}
     unknown = _unknown_config_flags(argv, known)
     if unknown:
         # The deepest part every unknown name is inside (e.g. "config.model."), else the whole tree.
         parts = {u.rsplit(".", 1)[0] + "." for u in unknown}
-        prefix = parts.pop() if len(parts) == 1 else _PREFIX
+        prefix = parts.pop() if len(parts) == 1 else CONFIG_PREFIX
         if not any(name.startswith(prefix) for name in known):
-            prefix = _PREFIX
-        valid = [name.removeprefix(_PREFIX) for name in flag_values if name.startswith(prefix)]
-        if prefix == _PREFIX:  # the run's fields first; the model's long list summed up
-            model_fields = [name for name in valid if name.startswith("model.")]
-            valid = [name for name in valid if not name.startswith("model.")] + [
-                f"model.<one of {len(model_fields)} ModelConfig fields: --helpfull lists them>"]
+            prefix = CONFIG_PREFIX
         config_class = _DEFINED_FOR.get(id(flag_values))
         sys.stderr.write(f"FATAL Flags parsing error: unknown config field(s) {unknown}.\n"
                          + "".join(_why_unknown(u, config_class) for u in unknown)
-                         + f"Valid fields: {', '.join(valid)}\n")
+                         + f"Valid fields: {', '.join(valid_fields(config_class, prefix.removeprefix(CONFIG_PREFIX)))}\n")
         sys.exit(1)
     return app.parse_flags_with_usage(argv)
 
@@ -164,7 +171,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
     anything is built. `defaults` and
     `model_defaults` are the script's (run fields by path, and model fields, under the preset or
     file's)."""
-    overrides = {name.removeprefix(_PREFIX): flag_values[name].value for name in _override_fields(config_class)
+    overrides = {name.removeprefix(CONFIG_PREFIX): flag_values[name].value for name in override_fields(config_class)
                  if flag_values[name].present}
     try:
         return config_tree.override(load_base(flag_values.config, defaults or {}, config_class, model_defaults),

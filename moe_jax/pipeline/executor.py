@@ -5,13 +5,15 @@ step into its folder, the config it computes from and the steps it reads (marin'
 without its cluster). A step's key hashes the *identity* of its config (`config_tree.identity`:
 cadence, layout and budgets left out, declared once on the config classes) and its inputs' keys.
 
-`run_steps(DIR, steps)` runs them in order and owns these guarantees for every graph:
+`run_steps(DIR, steps)` runs them in order, and `run_independent(DIR, steps, launch)` hands steps
+that read no other step (a sweep's points) to a launcher at once; both own these guarantees:
 
 - a step whose folder holds `DONE` under the same key is skipped; one begun under the same key is
   resumed (its run picks up its own checkpoints); one whose key changed is moved aside to
   `DIR/superseded/<name>-<old key>` and redone — and so is everything that reads it;
 - a step holds its folder's lock while it runs (`moe_jax.train.lock`: the run inside it takes the
-  same lock again), so two graphs on one folder never compute one step twice;
+  same lock again; a launched step's process takes it itself), so two graphs on one folder never
+  compute one step twice;
 - a step is done only when it wrote `DONE`: one that returns without it (a preempted run) stops
   the graph with `StepIncomplete`, so nothing downstream reads a half-made input;
 - the files a step declares as `outputs` are recorded (sizes and sha256) when it finishes and
@@ -165,17 +167,84 @@ def _rekeyable(record: Mapping[str, Any], step: Step, input_keys: Mapping[str, S
     return same_config and all(record.get("inputs", {}).get(name) in input_keys[name] for name in step.inputs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A step to compute: its key, folder, the record an earlier attempt under this key left (None
+    for a fresh start) and its inputs' keys and folders."""
+
+    step: Step
+    key: str
+    step_dir: str
+    record: Mapping[str, Any] | None
+    input_keys: Mapping[str, str]
+    input_dirs: Mapping[str, str]
+
+
 def run_steps(workdir: str, steps: Sequence[Step], *, only: Sequence[str] = ()) -> dict[str, str]:
     """Run the steps in order (each after its inputs), skipping those done under their key.
     `only`: stop after these steps (and what they read) are done. Returns {step: key}."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise NotADirectoryError(f"--workdir={workdir} is a file. Fix: give a directory (it is created if missing)")
-    keys: dict[str, str] = {}
-    known: dict[str, list[str]] = {}  # every key a step's folder answers to (today's and re-keyed ones)
+    graph = _Graph(workdir)
     wanted = _needed(steps, only) if only else {s.name for s in steps}
     for step in steps:
         if step.name not in wanted:
             continue
+        pending = graph.decide(step)
+        if pending is not None:
+            with lock_workdir(pending.step_dir):
+                record = _begin(pending)
+                start = time.time()
+                step.fn(pending.step_dir, pending.input_dirs)
+                sync(f"step {step.name} returned")
+                _finish(pending, record, time.time() - start)
+    return graph.keys
+
+
+def run_independent(workdir: str, steps: Sequence[Step],
+                    launch: Callable[[Sequence[Pending]], Mapping[str, float | BaseException]]
+                    ) -> tuple[dict[str, str], dict[str, BaseException]]:
+    """Steps that read no other step (a sweep's points), decided as `run_steps` decides (skipped,
+    resumed, superseded) and then computed together by `launch(pending)`, however it likes
+    (parallel processes, a job array), which returns each step's wall seconds or the error it
+    ended with. A step computed by another process must take its folder's lock itself (an
+    experiment's run does), so it is not taken here. One process only. Returns ({step: key},
+    {step: error}) — a step that failed or did not write `DONE` is in the second."""
+    graph = _Graph(workdir)
+    todo, records = [], {}
+    for step in steps:
+        if step.inputs:
+            raise ValueError(f"step {step.name!r} reads {list(step.inputs)}: run_independent takes steps that read "
+                             "no other step")
+        pending = graph.decide(step)
+        if pending is not None:
+            records[step.name] = _begin(pending)
+            todo.append(pending)
+    outcomes = launch(todo) if todo else {}
+    errors: dict[str, BaseException] = {}
+    for pending in todo:
+        outcome = outcomes.get(pending.step.name, StepIncomplete(f"step {pending.step.name!r} was not launched"))
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            _finish(pending, records[pending.step.name], outcome)
+        except Exception as e:  # noqa: BLE001 -- one failed point is reported; the others are recorded
+            errors[pending.step.name] = e
+    return graph.keys, errors
+
+
+class _Graph:
+    """The keys decided so far, and every key a step's folder answers to (today's and re-keyed ones)."""
+
+    def __init__(self, workdir: str):
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise NotADirectoryError(f"--workdir={workdir} is a file. Fix: give a directory (it is created if missing)")
+        self.workdir = workdir
+        self.keys: dict[str, str] = {}
+        self.known: dict[str, list[str]] = {}
+
+    def decide(self, step: Step) -> Pending | None:
+        """`step`'s key; None when its folder is done under it (skipped), else the step to compute
+        (a folder of another key moved aside first, its inputs' outputs checked)."""
+        keys, workdir = self.keys, self.workdir
         missing = [name for name in step.inputs if name not in keys]
         if missing:
             raise ValueError(f"step {step.name!r} reads {missing}, which do not run before it")
@@ -185,16 +254,16 @@ def run_steps(workdir: str, steps: Sequence[Step], *, only: Sequence[str] = ()) 
         sync(f"read step {step.name}")
         record, exists, done = read_step(step_dir), os.path.exists(step_dir), workdir_format.read_done(step_dir)
         sync(f"decided step {step.name}")
-        if record is not None and record["key"] != key and _rekeyable(record, step, known):
+        if record is not None and record["key"] != key and _rekeyable(record, step, self.known):
             logging.info("step %s: re-keyed %s -> %s (computed under an older key rule; its config agrees with "
                          "today's)", step.name, record["key"], key)
             record = {**record, "key": key, "rekeyed_from": [record["key"], *record.get("rekeyed_from", [])],
                       "inputs": {name: keys[name] for name in step.inputs}}
             _write_record(step_dir, record)
-        known[step.name] = [key, *(record or {}).get("rekeyed_from", [])]
+        self.known[step.name] = [key, *(record or {}).get("rekeyed_from", [])]
         if record is not None and record["key"] == key and done is not None:
             logging.info("stage %s: done (key %s), skipped", step.name, key)
-            continue
+            return None
         for name in step.inputs:  # every input ran (or was skipped) above: done; its outputs must be intact
             check_outputs(os.path.join(workdir, name))
         if exists and (record is None or record["key"] != key):
@@ -204,31 +273,34 @@ def run_steps(workdir: str, steps: Sequence[Step], *, only: Sequence[str] = ()) 
             logging.warning("stage %s: its folder %s; it is now %s and the step is redone", step.name, why,
                             _supersede(workdir, step_dir, old))
             record = None
-        _run_step(step, step_dir, key, record, {name: keys[name] for name in step.inputs},
-                  {name: os.path.join(workdir, name) for name in step.inputs})
-    return keys
+        return Pending(step, key, step_dir, record, {name: keys[name] for name in step.inputs},
+                       {name: os.path.join(workdir, name) for name in step.inputs})
 
 
-def _run_step(step: Step, step_dir: str, key: str, record: Mapping[str, Any] | None, input_keys: Mapping[str, str],
-              input_dirs: Mapping[str, str]) -> None:
-    with lock_workdir(step_dir):
-        resuming = record is not None  # an attempt under this key began here: its run resumes
-        previous = record or {}
-        attempts = previous.get("attempts", [])
-        record = {"stage": step.name, "key": key, "inputs": dict(input_keys), "settings": config_tree.as_json(step.config),
-                  "attempts": attempts, "rekeyed_from": previous.get("rekeyed_from", [])}
-        _write_record(step_dir, record)
-        logging.info("stage %s: %s (key %s)", step.name, "resuming" if resuming else "running", key)
-        start = time.time()
-        step.fn(step_dir, input_dirs)
-        sync(f"step {step.name} returned")
-        if workdir_format.read_done(step_dir) is None:
-            raise StepIncomplete(f"step {step.name!r} stopped before it finished ({step_dir} has no DONE; e.g. its run "
-                                 "was preempted and saved): no step that reads it ran. Fix: rerun the same command; "
-                                 "it resumes this step")
-        outputs = {name: digest(os.path.join(step_dir, name)) for name in step.outputs
-                   if os.path.exists(os.path.join(step_dir, name))}
-        _write_record(step_dir, {**record, "outputs": outputs, "attempts": [*attempts, {"seconds": time.time() - start}]})
+def _begin(pending: Pending) -> dict[str, Any]:
+    """Record the attempt's key, inputs and config in the step's `stage.json` (and return it)."""
+    previous = pending.record or {}
+    step = pending.step
+    os.makedirs(pending.step_dir, exist_ok=True)
+    record = {"stage": step.name, "key": pending.key, "inputs": dict(pending.input_keys),
+              "settings": config_tree.as_json(step.config), "attempts": previous.get("attempts", []),
+              "rekeyed_from": previous.get("rekeyed_from", [])}
+    _write_record(pending.step_dir, record)
+    logging.info("stage %s: %s (key %s)", step.name, "resuming" if pending.record is not None else "running",
+                 pending.key)
+    return record
+
+
+def _finish(pending: Pending, record: Mapping[str, Any], seconds: float) -> None:
+    """A step is done only when it wrote `DONE`; record its outputs' digests and the attempt's time."""
+    step_dir, name = pending.step_dir, pending.step.name
+    if workdir_format.read_done(step_dir) is None:
+        raise StepIncomplete(f"step {name!r} stopped before it finished ({step_dir} has no DONE; e.g. its run "
+                             "was preempted and saved): no step that reads it ran. Fix: rerun the same command; "
+                             "it resumes this step")
+    outputs = {output: digest(os.path.join(step_dir, output)) for output in pending.step.outputs
+               if os.path.exists(os.path.join(step_dir, output))}
+    _write_record(step_dir, {**record, "outputs": outputs, "attempts": [*record["attempts"], {"seconds": seconds}]})
 
 
 def _needed(steps: Sequence[Step], only: Sequence[str]) -> set[str]:

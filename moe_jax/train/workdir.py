@@ -11,7 +11,8 @@
 
 A graph's folder (`moe_jax.pipeline.executor`) holds a folder per step, each with its
 `stage.json` (key, inputs, config, outputs' digests, attempts), and `superseded/` for steps
-computed under another key; its results tables are `results.md|csv|png`.
+computed under another key; its results tables are `results.md|csv|png`, and its `DONE` is
+written when every step ran and the tables are written (a sweep's point is done by it).
 
 `--init_from`, `export_hf.py` and the pipeline read runs through these functions, so a finished
 run is recognised (`read_done`) without building a model.
@@ -19,11 +20,12 @@ run is recognised (`read_done`) without building a model.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from moe_jax.parallel.distributed import is_lead
@@ -98,8 +100,7 @@ def record_config_changes(workdir: str, step: int | None, changes: Sequence[str]
               "changes": list(changes)}
     with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
         f.write(json.dumps(record) + "\n")
-    if os.path.exists(os.path.join(workdir, DONE_FILE)):
-        os.remove(os.path.join(workdir, DONE_FILE))
+    unmark_done(workdir)
 
 
 def prepare(cfg: RunConfig, workdir: str) -> None:
@@ -159,6 +160,23 @@ def mark_done(workdir: str, step: int, metrics: dict[str, Any]) -> None:
     record = {"step": step, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}}
     write_text_atomically(os.path.join(workdir, DONE_FILE), json.dumps(record, indent=2, sort_keys=True))
+
+
+def unmark_done(workdir: str) -> None:
+    """A finished run or graph that goes on is no longer finished: remove its `DONE`."""
+    if os.path.exists(os.path.join(workdir, DONE_FILE)):
+        os.remove(os.path.join(workdir, DONE_FILE))
+
+
+@contextlib.contextmanager
+def done_when_finished(workdir: str) -> Iterator[None]:
+    """A command of several runs (a graph of steps) is finished when the block ends without an
+    error: its `DONE` is removed as it starts and written then (what a sweep's point waits for)."""
+    if is_lead():
+        unmark_done(workdir)
+    yield
+    if is_lead():
+        mark_done(workdir, 0, {})
 
 
 def read_done(workdir: str) -> dict[str, Any] | None:

@@ -1,0 +1,56 @@
+"""The experiments a sweep can run: each is a script of `experiments/` with its config class (the
+fields a sweep may set), the file that says a point finished, and where its runs' metrics are."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+from moe_jax.distill.config import DistillConfig
+from moe_jax.pipeline.config import PipelineConfig
+from moe_jax.rl.config import MEAN_LENGTH, GRPOConfig
+from moe_jax.train.experiment_config import ExperimentConfig, RunConfig
+
+SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "experiments")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """`script` (in `experiments/`) run with `--workdir=<point>` and `--config.*` flags of
+    `config_class`. `runs` maps a prefix of metric names to the folder (inside the point) whose
+    `metrics.jsonl` they come from ("" is the point itself); a graph experiment (`graph`) also has
+    its own per-stage `results.csv`. `metrics`: what the plots draw unless asked otherwise."""
+
+    name: str
+    script: str
+    config_class: type[RunConfig | PipelineConfig | DistillConfig]
+    metrics: tuple[str, ...]
+    runs: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"": ""})
+    graph: bool = False
+
+    @property
+    def script_path(self) -> str:
+        return os.path.join(SCRIPTS_DIR, self.script)
+
+
+_PIPELINE_RL = ("reasoning_rl", "final_rl", "r1_zero")
+EXPERIMENTS: Mapping[str, Experiment] = {e.name: e for e in (
+    Experiment("pretrain", "pretrain.py", ExperimentConfig, ("eval/ce", "eval/accuracy", "maxvio_mean")),
+    Experiment("sft", "sft.py", ExperimentConfig, ("eval/ce", "eval/accuracy")),
+    Experiment("grpo", "grpo.py", GRPOConfig, ("eval/accuracy", "reward", MEAN_LENGTH)),
+    # r1_zero.py's point holds base/ (pretraining) and grpo/ (the RL run the sweep is about).
+    Experiment("r1_zero", "r1_zero.py", GRPOConfig, ("eval/accuracy", "reward", MEAN_LENGTH), {"": "grpo"}),
+    Experiment("r1_pipeline", "r1_pipeline.py", PipelineConfig,
+               tuple(f"{stage}/eval/accuracy" for stage in _PIPELINE_RL),
+               {f"{stage}/": stage for stage in ("base", "cold_start", "sft", *_PIPELINE_RL)}, graph=True),
+    Experiment("distill", "distill.py", DistillConfig, ("student/eval/accuracy", "student/eval/ce"),
+               {"student/": "student", "student_base/": "student_base"}, graph=True),
+)}
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; the experiments are {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
