@@ -34,6 +34,7 @@ COMPILATION_CACHE_BYTES = 2 << 30  # the oldest entries go past 2 GiB
 SCRATCH = "scratch"  # --init_from=scratch: a fine-tuning recipe from a random init, on purpose
 USER_ERRORS = (InputError, ConfigConflictError, WorkdirLockedError, CheckpointError, FloatingPointError,
                RunHealthError, FileNotFoundError, NotADirectoryError, StepIncomplete)
+EXIT_LOCKED = 75  # the workdir is another live run's (EX_TEMPFAIL): a sweep waits for it instead of failing
 # The recipe-name prefix each FlagValues' --recipe takes short names for ("r1-": --recipe=countdown).
 _RECIPE_PREFIX: dict[int, str] = {}
 
@@ -180,9 +181,10 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def user_errors_in_one_line() -> Iterator[None]:
     """Errors about what the user gave or what the run met (a bad file, a busy or conflicting
     workdir, a damaged checkpoint, a diverging run) end the script with their message and a
-    non-zero exit, without a traceback; anything else is a bug and keeps its traceback."""
+    non-zero exit (`EXIT_LOCKED` for a workdir another run holds), without a traceback; anything
+    else is a bug and keeps its traceback."""
     try:
         yield
     except USER_ERRORS as e:
         sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
-        sys.exit(1)
+        sys.exit(EXIT_LOCKED if isinstance(e, WorkdirLockedError) else 1)

@@ -114,6 +114,18 @@ def non_identity_paths(tree: Any, prefix: str = "", derived: tuple[str, ...] = (
     return set()
 
 
+def not_identity_fields(cls: type, prefix: str = "") -> set[str]:
+    """The paths of `cls`'s tree declared `not_identity` (known from the class, without a config)."""
+    paths = set()
+    for field in dataclasses.fields(cls):
+        inner = nested_class(cls, field.name)
+        if not field.metadata.get(_IDENTITY, True):
+            paths.add(prefix + field.name)
+        elif inner is not None:
+            paths |= not_identity_fields(inner, f"{prefix}{field.name}.")
+    return paths
+
+
 def without_paths(tree: Any, paths: set[str], prefix: str = "") -> Any:
     """A JSON tree (e.g. a config saved before today's identity was declared) without `paths`."""
     if not isinstance(tree, Mapping):

@@ -76,6 +76,22 @@ def _flock(workdir: str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def holder(workdir: str) -> str | None:
+    """Who holds `workdir` now (host, pid, start), or None when no live run does (a launcher asks
+    before starting a run there; the answer may be stale by the time the run starts)."""
+    path = os.path.join(workdir, LOCK_FILE)
+    if not os.path.exists(path):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(_holder(fd))
+    finally:
+        os.close(fd)  # releases the probe's shared lock, if it got it
+    return None
+
+
 @contextlib.contextmanager
 def lock_workdir(workdir: str) -> Iterator[None]:
     """Hold `workdir` for the `with` block; a second run on it raises WorkdirLockedError at once,
