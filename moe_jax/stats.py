@@ -51,6 +51,21 @@ def mean_std_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[float, f
     return summary
 
 
+def paired_difference(values: Sequence[float], baseline: Sequence[float], confidence: float = 0.95
+                      ) -> tuple[Summary, float]:
+    """`values - baseline`, paired by position (the same seed), as a `Summary` with its t-interval,
+    and the two-sided p-value of the paired t-test of a zero mean difference (NaN for fewer than two
+    pairs; 0 when every pair differs by the same non-zero amount). Pairs with a NaN are left out."""
+    differences = [a - b for a, b in zip(values, baseline) if math.isfinite(a) and math.isfinite(b)]
+    summary = summarize(differences, confidence)
+    if summary.n < 2:
+        return summary, math.nan
+    if summary.std == 0:
+        return summary, 1.0 if summary.mean == 0 else 0.0
+    t = summary.mean / (summary.std / math.sqrt(summary.n))
+    return summary, 2 * (1 - t_cdf(abs(t), summary.n - 1))
+
+
 def t_quantile(p: float, df: int) -> float:
     """The `p` quantile of Student's t with `df` degrees of freedom (p in (0, 1))."""
     if not 0 < p < 1 or df < 1:

@@ -21,13 +21,11 @@ from moe_jax.config_flags import CONFIG_PREFIX
 from moe_jax.pipeline.executor import Pending, Step, run_independent
 from moe_jax.sweep.launch import PointConfig, core_shares, run_local
 from moe_jax.sweep.slurm import SlurmOptions, run_slurm
-from moe_jax.sweep.spec import Point, Sweep
+from moe_jax.sweep.spec import POINTS_DIR, SWEEP_FILE, Point, Sweep
 from moe_jax.sweep.view import SweepView
 from moe_jax.train import config_tree
 from moe_jax.train.workdir import write_text_atomically
 
-POINTS_DIR = "points"
-SWEEP_FILE = "sweep.json"  # the sweep as data: what `--aggregate` reads back
 LAUNCHERS = ("local", "print", "slurm")
 _ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/accel0")  # a GPU or TPU: points would share its memory
 

@@ -28,6 +28,8 @@ from moe_jax.config_flags import CONFIG_PREFIX, override_fields, valid_fields
 from moe_jax.errors import InputError
 from moe_jax.sweep.experiments import Experiment, get_experiment
 
+POINTS_DIR = "points"  # DIR/points/<name>: a point's workdir
+SWEEP_FILE = "sweep.json"  # DIR/sweep.json: the sweep as data, what aggregation reads back
 SEED = "seed"
 VARIANT = "variant"
 _MAX_NAME = 120  # longer point names end in a hash of the whole name instead
@@ -116,8 +118,11 @@ class Sweep:
                     named.append(name.removeprefix(CONFIG_PREFIX))
         unknown = sorted({p for p in named if CONFIG_PREFIX + p not in fields})
         if unknown:
+            parts = {u.rsplit(".", 1)[0] + "." if "." in u else "" for u in unknown}
+            part = parts.pop() if len(parts) == 1 else ""
+            valid = valid_fields(self.spec.config_class, part) or valid_fields(self.spec.config_class)
             raise InputError(f"sweep: experiment {self.experiment!r} has no field(s) {unknown}. Valid fields: "
-                             f"{', '.join(valid_fields(self.spec.config_class))}")
+                             f"{', '.join(valid)}")
         axis_paths = [p for axis in self.axes for p in axis.paths]
         twice = sorted({p for p in axis_paths if axis_paths.count(p) > 1} | ({SEED} & set(axis_paths)))
         if twice:
