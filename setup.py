@@ -27,5 +27,7 @@ setup(
         "test": ["pytest", "pytest-xdist", "ruff"],
         # Hugging Face parity tests (tests/test_interop_*.py); moe_jax.interop itself needs none of it.
         "hf": ["torch==2.13.0", "transformers"],
+        # SLURM job arrays for sweeps (experiments/sweep.py --launcher=slurm); nothing else needs it.
+        "sweep": ["submitit"],
     },
 )

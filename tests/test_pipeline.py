@@ -144,26 +144,3 @@ def test_results_table_files(tmp_path):
                                                                               "1.000"]]
     assert "| base | 0.500 |" in (tmp_path / report.RESULTS_MD).read_text()
     assert (tmp_path / report.RESULTS_PNG).stat().st_size > 1000
-
-
-def test_seed_summary_is_mean_and_std_of_the_folders(tmp_path):
-    from moe_jax.pipeline.seeds import summary
-
-    folders = []
-    for seed, (accuracy, rl_curve) in enumerate([(0.5, [0.2, 0.4]), (0.7, [0.4, 0.8])]):
-        folder = tmp_path / f"s{seed}"
-        folder.mkdir()
-        report.write_results(str(folder), {"final_rl": {"acc": accuracy, "tokens": 2000.0 + seed * 2}}, ["stage", "acc", "tokens"], "t")
-        for stage, start in (("reasoning_rl", 0.0), ("r1_zero", 0.5)):
-            (folder / stage).mkdir()
-            lines = [{"step": 0, "eval/accuracy": start}]
-            lines += [{"step": s, "reward": 1.0, "rewards/accuracy/mean": rl_curve[s > 5],
-                       "completions/mean_length": 10.0 * s, **({"eval/accuracy": start + 0.1} if s == 10 else {})}
-                      for s in range(1, 11)]
-            (folder / stage / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-        folders.append(str(folder))
-    text = summary(folders)
-    assert "| final_rl | 0.600 ± 0.141 | 2001 ± 1 |" in text  # mean 0.6, sample std 0.1414
-    assert "| reasoning_rl | 0.000 ± 0.000 | 0.100 ± 0.000 |" in text  # held-out accuracy at steps 0 and 10
-    # steps 1-5 and 6-10: the accuracy reward 0.2 / 0.4 (seed 0) and 0.4 / 0.8 (seed 1); lengths 30 -> 80
-    assert "| reasoning_rl | 0.300 ± 0.141 → 0.600 ± 0.283 | 30.0 ± 0.0 → 80.0 ± 0.0 |" in text

@@ -35,8 +35,9 @@ from moe_jax.train import workdir as workdir_format
 from moe_jax.train.metrics import METRICS_FILE, read_metrics
 
 CURVES_PNG, FINALS_PNG = "curves.png", "finals.png"
-# A metric is better lower when a part of its name says so (a loss, a violation, a mixed-language share).
-_LOWER_IS_BETTER = ("ce", "loss", "maxvio", "drop", "perplexity", "mixed", "kl", "wall_s")
+# A metric is better lower when a part of its name says so (a loss, a violation, a mixed-language
+# share, a cost).
+_LOWER_IS_BETTER = ("ce", "loss", "maxvio", "drop", "perplexity", "mixed", "kl", "tokens", "params", "wall_s")
 
 
 @dataclasses.dataclass
@@ -211,10 +212,12 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float, like: float | None = None) -> str:
+    """4 places below 10, 1 up to 10⁴, else 3 significant digits — by `like`'s size when given
+    (a std or an interval is written as its mean is)."""
     if not math.isfinite(value):
         return "–"
-    magnitude = abs(value)
+    magnitude = abs(value if like is None or not math.isfinite(like) else like)
     return f"{value:.4f}" if magnitude < 10 else f"{value:.1f}" if magnitude < 1e4 else f"{value:.3g}"
 
 
@@ -251,8 +254,8 @@ def markdown(table: Table, title: str) -> str:
         lines += [header, "|---" * (header.count("|") - 1) + "|"]
         for configuration, s in summaries.items():
             star = " ★" if best == [configuration] and len(summaries) > 1 else ""
-            cells = [f"{_label(configuration)}{star}", f"{_fmt(s.mean)} ± {_fmt(s.std)}",
-                     f"[{_fmt(s.low)}, {_fmt(s.high)}]", str(s.n)]
+            cells = [f"{_label(configuration)}{star}", f"{_fmt(s.mean)} ± {_fmt(s.std, s.mean)}",
+                     f"[{_fmt(s.low, s.mean)}, {_fmt(s.high, s.mean)}]", str(s.n)]
             if baseline is not None:
                 cells += _comparison(groups[configuration], groups[baseline], column, configuration == baseline)
             lines.append("| " + " | ".join(cells) + " |")
@@ -277,8 +280,9 @@ def _comparison(rows: Sequence[Mapping[str, Any]], baseline_rows: Sequence[Mappi
     mine, theirs = _per_seed(rows, column), _per_seed(baseline_rows, column)
     seeds = [s for s in mine if s in theirs]
     difference, p = paired_difference([mine[s] for s in seeds], [theirs[s] for s in seeds])
-    return [f"{_fmt(difference.mean)} ± {_fmt(difference.std)} (n={difference.n})",
-            f"[{_fmt(difference.low)}, {_fmt(difference.high)}]", _fmt(p), _verdict(difference, column)]
+    return [f"{_fmt(difference.mean)} ± {_fmt(difference.std, difference.mean)} (n={difference.n})",
+            f"[{_fmt(difference.low, difference.mean)}, {_fmt(difference.high, difference.mean)}]", _fmt(p),
+            _verdict(difference, column)]
 
 
 def _verdict(difference: Summary, column: str) -> str:

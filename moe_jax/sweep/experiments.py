@@ -42,8 +42,11 @@ EXPERIMENTS: Mapping[str, Experiment] = {e.name: e for e in (
     Experiment("grpo", "grpo.py", GRPOConfig, ("eval/accuracy", "reward", MEAN_LENGTH)),
     # r1_zero.py's point holds base/ (pretraining) and grpo/ (the RL run the sweep is about).
     Experiment("r1_zero", "r1_zero.py", GRPOConfig, ("eval/accuracy", "reward", MEAN_LENGTH), {"": "grpo"}),
+    # Stage 2 against R1-Zero over the same steps: held-out accuracy, the sampled completions'
+    # accuracy reward and length (does the cold start speed it up; does the length grow?).
     Experiment("r1_pipeline", "r1_pipeline.py", PipelineConfig,
-               tuple(f"{stage}/eval/accuracy" for stage in _PIPELINE_RL),
+               (*(f"{stage}/eval/accuracy" for stage in _PIPELINE_RL),
+                *(f"{stage}/{m}" for m in ("rewards/accuracy/mean", MEAN_LENGTH) for stage in _PIPELINE_RL[::2])),
                {f"{stage}/": stage for stage in ("base", "cold_start", "sft", *_PIPELINE_RL)}, graph=True),
     Experiment("distill", "distill.py", DistillConfig, ("student/eval/accuracy", "student/eval/ce"),
                {"student/": "student", "student_base/": "student_base"}, graph=True),
