@@ -31,6 +31,15 @@ SWEEP = Sweep("pretrain", base=TINY, axes=(Axis.parse("model.top_k=1,2"),), seed
 NAMES = ["top_k=1,seed=0", "top_k=1,seed=1", "top_k=2,seed=0", "top_k=2,seed=1"]
 
 
+def _text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _json(path):
+    return json.loads(_text(path))
+
+
 def _files(folder):
     """Every file under `folder` (but the lock, rewritten by each run's lock probe) -> sha256 and mtime."""
     found = {}
@@ -50,7 +59,7 @@ def _losses(point_dir):
 
 def _final(point_dir):
     """The DONE metrics but the speed."""
-    metrics = json.load(open(os.path.join(point_dir, "DONE")))["metrics"]
+    metrics = _json(os.path.join(point_dir, "DONE"))["metrics"]
     return {k: v for k, v in metrics.items() if not k.endswith("per_s")}
 
 
@@ -79,7 +88,7 @@ def test_the_table_holds_each_points_own_numbers(finished):
         assert row["model.top_k"] == row["point"][6] and row["seed"] == row["point"][-1]
         assert int(row["tokens"]) == 4 * 8 * 48 and float(row["wall_s"]) > 0
     for name in NAMES:  # every point's command is on file, with its output
-        command = open(os.path.join(workdir, "points", name, "command")).read()
+        command = _text(os.path.join(workdir, "points", name, "command"))
         assert f"--workdir={workdir}/points/{name}" in command and "--config.seed=" + name[-1] in command
         assert os.path.getsize(os.path.join(workdir, "points", name, "output.log")) > 0
     for png in ("curves.png", "finals.png"):
@@ -90,7 +99,7 @@ def test_the_markdown_summary_equals_a_hand_computation(finished):
     workdir, _ = finished
     with open(os.path.join(workdir, "results.csv")) as f:
         ce = {r["point"]: float(r["eval/ce/final"]) for r in csv.DictReader(f)}
-    text = open(os.path.join(workdir, "results.md")).read()
+    text = _text(os.path.join(workdir, "results.md"))
     section = text.split("## eval/ce/final")[1].split("##")[0]
     for k in ("1", "2"):
         a, b = ce[f"top_k={k},seed=0"], ce[f"top_k={k},seed=1"]
@@ -122,7 +131,7 @@ def test_printed_commands_run_by_hand_give_the_points_numbers(finished, tmp_path
     workdir, _ = finished
     printed = commands(SWEEP, workdir)
     assert len(printed) == 4
-    recorded = open(os.path.join(workdir, "points", NAMES[3], "command")).read().strip()
+    recorded = _text(os.path.join(workdir, "points", NAMES[3], "command")).strip()
     assert printed[3] == recorded  # the sweep ran exactly the printed command (one point at a time: all cores)
     argv = [a if not a.startswith("--workdir=") else f"--workdir={tmp_path}/by_hand" for a in shlex.split(printed[3])]
     subprocess.run(argv, check=True, capture_output=True)
@@ -136,7 +145,7 @@ def test_a_failing_point_does_not_stop_the_others_and_an_added_seed_runs_only_ne
     grown = Sweep("pretrain", base=TINY, axes=(Axis.parse("model.top_k=1,2,99"),), seeds=(0, 1, 2))
     result = subprocess.run([sys.executable, "experiments/sweep.py", f"--workdir={workdir}", "--experiment=pretrain",
                              "--axis=model.top_k=1,2,99", "--seeds=0,1,2", "--parallel=2", *TINY],
-                            capture_output=True, text=True)
+                            check=False, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert "3 of 9 points did not finish: top_k=99,seed=0, top_k=99,seed=1, top_k=99,seed=2" in result.stderr
     assert "FAILED points/top_k=99,seed=0: exit status 1" in result.stdout and "top_k" in result.stdout
@@ -145,7 +154,7 @@ def test_a_failing_point_does_not_stop_the_others_and_an_added_seed_runs_only_ne
     with open(os.path.join(workdir, "results.csv")) as f:
         status = {r["point"]: r["status"] for r in csv.DictReader(f)}
     assert status == {p.name: "failed" if "99" in p.name else "done" for p in grown.points()}
-    log = open(os.path.join(workdir, "points", "top_k=99,seed=1", "output.log")).read()
+    log = _text(os.path.join(workdir, "points", "top_k=99,seed=1", "output.log"))
     assert "model.top_k" in log and "FATAL" in log
 
 
@@ -159,12 +168,12 @@ def test_a_killed_point_resumes_and_ends_with_the_uninterrupted_losses(finished,
     while not os.path.isdir(os.path.join(point, "checkpoints", "2")):  # killed after its second step's checkpoint
         assert sweep.poll() is None, sweep.stdout.read()
         time.sleep(0.2)
-    os.kill(json.load(open(os.path.join(point, "LOCK")))["pid"], signal.SIGKILL)
+    os.kill(_json(os.path.join(point, "LOCK"))["pid"], signal.SIGKILL)
     output = sweep.communicate()[0]
     assert sweep.returncode == 1 and "FAILED points/top_k=2,seed=1: exit status -9" in output
-    rerun = subprocess.run(argv, capture_output=True, text=True)
+    rerun = subprocess.run(argv, check=False, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "resum" in open(os.path.join(point, "output.log")).read()
+    assert "resum" in _text(os.path.join(point, "output.log"))
     assert _losses(point) == _losses(os.path.join(finished[0], "points", "top_k=2,seed=1"))
 
 
