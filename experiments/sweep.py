@@ -84,6 +84,8 @@ def sweep_from_flags() -> Sweep:
     if FLAGS.zip:
         zipped = [Axis.parse(z) for z in FLAGS.zip]
         axes.append(Axis.of({a.paths[0]: [v[0] for v in a.values] for a in zipped}))
+    if not all(s.lstrip("-").isdigit() for s in FLAGS.seeds):
+        raise InputError(f"--seeds={','.join(FLAGS.seeds)}: give whole numbers, e.g. --seeds=0,1,2")
     seeds = tuple(int(s) for s in FLAGS.seeds) if FLAGS["seeds"].present or not base else base.seeds
     return Sweep(experiment, (*(base.base if base else ()), *_EXPERIMENT_FLAGS),
                  (*(base.axes if base else ()), *axes), {**(base.variants if base else {}),

@@ -235,8 +235,7 @@ class _Graph:
     """The keys decided so far, and every key a step's folder answers to (today's and re-keyed ones)."""
 
     def __init__(self, workdir: str):
-        if os.path.exists(workdir) and not os.path.isdir(workdir):
-            raise NotADirectoryError(f"--workdir={workdir} is a file. Fix: give a directory (it is created if missing)")
+        workdir_format.require_directory(workdir)
         self.workdir = workdir
         self.keys: dict[str, str] = {}
         self.known: dict[str, list[str]] = {}

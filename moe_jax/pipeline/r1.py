@@ -134,9 +134,7 @@ def run_pipeline(cfg: PipelineConfig, workdir: str, *, mesh_spec: str | None = N
     pipeline = R1Pipeline(cfg, workdir, mesh_spec, init_from)
     steps = pipeline.stages()  # a bad input fails here, before anything is written
     if is_lead():
-        if os.path.exists(workdir) and not os.path.isdir(workdir):
-            raise NotADirectoryError(f"--workdir={workdir} is a file. Fix: give a directory (it is created if "
-                                     "missing)")
+        workdir_format.require_directory(workdir)
         os.makedirs(workdir, exist_ok=True)
         write_text_atomically(os.path.join(workdir, PIPELINE_CONFIG_FILE),
                               json.dumps(cfg.to_dict(), indent=2, sort_keys=True))

@@ -237,7 +237,7 @@ def markdown(table: Table, title: str) -> str:
     statuses = {s: sum(r["status"] == s for r in table.rows) for s in dict.fromkeys(r["status"] for r in table.rows)}
     lines = [f"# {title}", "", f"{len(table.rows)} points: " + ", ".join(f"{n} {s}" for s, n in statuses.items())
              + ". Means over the finished seeds of each configuration; the interval is the 95% Student-t interval "
-             "of the mean; ★ marks the best configuration by mean.", ""]
+             "of the mean; ★ marks the best configuration by mean.", "", *_overview(table, groups), ""]
     for column in columns:
         summaries = {c: summarize(list(_per_seed(rows, column).values())) for c, rows in groups.items()}
         summaries = {c: s for c, s in summaries.items() if s.n}
@@ -263,6 +263,21 @@ def markdown(table: Table, title: str) -> str:
     if table.baseline and _baseline(groups, table.baseline) is None:
         lines.append(f"No finished configuration has the baseline {table.baseline}: no differences.\n")
     return "\n".join(lines)
+
+
+def _overview(table: Table, groups: Mapping[tuple, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """One table of the headline columns (`_finals`): a row per configuration, mean ± std (n)."""
+    columns = _finals(table)
+    if not columns or not groups:
+        return []
+    lines = ["| configuration | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for configuration, rows in groups.items():
+        cells = []
+        for column in columns:
+            s = summarize(list(_per_seed(rows, column).values()))
+            cells.append(f"{_fmt(s.mean)} ± {_fmt(s.std, s.mean)} ({s.n})" if s.n else "")
+        lines.append(f"| {_label(configuration)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _baseline(groups: Mapping[tuple, Any], baseline: Mapping[str, str] | None) -> tuple | None:

@@ -24,7 +24,7 @@ from moe_jax.sweep.slurm import SlurmOptions, run_slurm
 from moe_jax.sweep.spec import POINTS_DIR, SWEEP_FILE, Point, Sweep
 from moe_jax.sweep.view import SweepView
 from moe_jax.train import config_tree
-from moe_jax.train.workdir import write_text_atomically
+from moe_jax.train.workdir import require_directory, write_text_atomically
 
 LAUNCHERS = ("local", "print", "slurm")
 _ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/accel0")  # a GPU or TPU: points would share its memory
@@ -75,6 +75,9 @@ def run_sweep(sweep: Sweep, workdir: str, *, launcher: str = "local", parallel: 
     sweep.validate()
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher={launcher}: one of {', '.join(LAUNCHERS)}")
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"--parallel={parallel}: give at least 1 (or leave it out: one point per core)")
+    require_directory(workdir)
     os.makedirs(workdir, exist_ok=True)
     write_text_atomically(os.path.join(workdir, SWEEP_FILE), json.dumps(sweep.to_json(), indent=2) + "\n")
     steps = point_steps(sweep)

@@ -78,7 +78,7 @@ class SweepView:
         counts: dict[str, int] = {}
         for state in self.states.values():
             counts[state] = counts.get(state, 0) + 1
-        order = ("done", "skipped", "running", "waiting", "queued", "failed")
+        order = ("done", "skipped", "running", "waiting", "queued", "stopping", "stopped", "failed")
         parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
         return f"[sweep {self._elapsed()}] {len(self.states)} points: {', '.join(parts)}"
 

@@ -25,6 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from moe_jax.parallel.distributed import is_lead
+from moe_jax.train.workdir import require_directory
 
 LOCK_FILE = "LOCK"
 _HELD: dict[str, int] = {}  # the workdirs this process holds -> how many `with` blocks hold each
@@ -96,9 +97,7 @@ def holder(workdir: str) -> str | None:
 def lock_workdir(workdir: str) -> Iterator[None]:
     """Hold `workdir` for the `with` block; a second run on it raises WorkdirLockedError at once,
     naming the holder. Creates the workdir (only) if needed."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise NotADirectoryError(f"--workdir={workdir} is a file. Fix: give a directory (it is created "
-                                 "if missing)")
+    require_directory(workdir)
     held = os.path.realpath(workdir)
     if held in _HELD:  # this process holds it already
         _HELD[held] += 1

@@ -128,9 +128,11 @@ class TrainLoop:
                     status = "preempted"
                     logging.warning("preemption notice: saved step %d; rerun to resume", step)
                     break
-        with self._saving():
-            self.checkpointer.manager.wait_until_finished()
-            self.checkpointer.check_for_errors()
+            # Still under the watcher: a SIGTERM that comes while the last save is written (a sweep
+            # stopping its points) lets it finish instead of killing it halfway.
+            with self._saving():
+                self.checkpointer.manager.wait_until_finished()
+                self.checkpointer.check_for_errors()
         return status, step, self.last_metrics
 
     def _log_pending(self) -> None:

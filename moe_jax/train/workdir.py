@@ -45,6 +45,12 @@ class ConfigConflictError(ValueError):
     """The workdir holds a run whose config differs from the one asked for."""
 
 
+def require_directory(path: str) -> None:
+    """Refuse a `--workdir` that is a file (a folder is created where it is missing)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"--workdir={path} is a file. Fix: give a directory (it is created if missing)")
+
+
 def write_text_atomically(path: str, text: str) -> None:
     """Write `text` to `path` whole or not at all (a kill mid-write leaves the old file)."""
     with open(path + ".tmp", "w") as f:
