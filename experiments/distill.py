@@ -28,7 +28,7 @@ from moe_jax.distill.config import DistillConfig
 from moe_jax.distill.distillation import run_distillation
 from moe_jax.distill.table6 import run_table6
 from moe_jax.experiment_main import define_run_flags, setup_from_flags, user_errors_in_one_line
-from moe_jax.train.workdir import done_when_finished
+from moe_jax.train.lock import command_workdir
 
 config_flags.define_config_flags(default="tiny-dense-s", config_class=DistillConfig)
 define_run_flags(graph=True)
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     del argv
     cfg = config_flags.config_from_flags(config_class=DistillConfig, model_defaults={"max_seq_len": 256})
     setup_from_flags()
-    with user_errors_in_one_line(), done_when_finished(FLAGS.workdir):
+    with user_errors_in_one_line(), command_workdir(FLAGS.workdir):
         cfg = cfg.scaled(FLAGS.scale) if FLAGS.scale != 1 else cfg
         if FLAGS.study == "table6":
             if FLAGS.init_from:

@@ -27,7 +27,7 @@ from moe_jax.experiment_main import (
     user_errors_in_one_line,
 )
 from moe_jax.pipeline.r1 import run_pipeline
-from moe_jax.train.workdir import done_when_finished
+from moe_jax.train.lock import command_workdir
 
 # The recipes (moe_jax.recipes): --recipe=arithmetic is r1-arithmetic, countdown r1-countdown.
 define_flags("r1-arithmetic", prefix="r1-", graph=True)
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     del argv
     cfg = config_from_recipe_flags()
     setup_from_flags()
-    with user_errors_in_one_line(), done_when_finished(FLAGS.workdir):
+    with user_errors_in_one_line(), command_workdir(FLAGS.workdir):
         rows = run_pipeline(cfg.scaled(FLAGS.scale) if FLAGS.scale != 1 else cfg, FLAGS.workdir,
                             mesh_spec=FLAGS.mesh, init_from=FLAGS.init_from)
     rows = {stage: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}

@@ -25,9 +25,9 @@ from moe_jax.experiment_main import (
     setup_from_flags,
     user_errors_in_one_line,
 )
-from moe_jax.parallel.distributed import is_lead
+from moe_jax.pipeline.executor import StepIncomplete
 from moe_jax.recipes import r1_zero_base_config
-from moe_jax.train import workdir as workdir_format
+from moe_jax.train.lock import command_workdir
 
 # The recipes (moe_jax.recipes): --recipe=arithmetic is r1-zero-arithmetic, countdown r1-zero-countdown.
 define_flags("r1-zero-arithmetic", prefix="r1-zero-")
@@ -51,14 +51,13 @@ def main(argv: list[str]) -> None:
     base_dir = os.path.join(FLAGS.workdir, "base")
     base = r1_zero_base_config(rl, FLAGS.base_steps or recipe.base_steps,
                                recipe.base_error_rate if FLAGS.base_error_rate is None else FLAGS.base_error_rate)
-    with user_errors_in_one_line():
-        if is_lead():
-            workdir_format.unmark_done(FLAGS.workdir)
-        run_and_report(runs.run, base, base_dir, mesh_spec=FLAGS.mesh, allow_config_change=FLAGS.allow_config_change)
-        result = run_and_report(runs.run, rl, os.path.join(FLAGS.workdir, "grpo"), mesh_spec=FLAGS.mesh,
-                                init_from=base_dir, allow_config_change=FLAGS.allow_config_change)
-        if result["status"] == "finished" and is_lead():  # the command's DONE, what a sweep's point waits for
-            workdir_format.mark_done(FLAGS.workdir, result["step"], {})
+    with user_errors_in_one_line(), command_workdir(FLAGS.workdir):
+        for name, cfg, init_from in (("base", base, None), ("grpo", rl, base_dir)):
+            result = run_and_report(runs.run, cfg, os.path.join(FLAGS.workdir, name), mesh_spec=FLAGS.mesh,
+                                    init_from=init_from, allow_config_change=FLAGS.allow_config_change)
+            if result["status"] != "finished":  # preempted: nothing may start from a half-trained model
+                raise StepIncomplete(f"{name} stopped at step {result['step']} before it finished (checkpointed). "
+                                     "Fix: rerun the same command; it resumes")
 
 
 if __name__ == "__main__":

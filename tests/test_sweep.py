@@ -28,7 +28,7 @@ TINY = ("--config.steps=4", "--config.batch_size=8", "--config.seq_len=48", "--c
         "--config.model.n_layers=1", "--config.loop.eval_every=2", "--config.loop.eval_problems=8",
         "--config.loop.eval_max_new_tokens=8", "--config.loop.checkpoint_every=1")
 SWEEP = Sweep("pretrain", base=TINY, axes=(Axis.parse("model.top_k=1,2"),), seeds=(0, 1), baseline="model.top_k=1")
-NAMES = ["top_k=1,seed=0", "top_k=1,seed=1", "top_k=2,seed=0", "top_k=2,seed=1"]
+NAMES = ["model.top_k=1,seed=0", "model.top_k=1,seed=1", "model.top_k=2,seed=0", "model.top_k=2,seed=1"]
 
 
 def _text(path):
@@ -75,7 +75,7 @@ def finished(tmp_path_factory):
 
 def test_the_table_holds_each_points_own_numbers(finished):
     workdir, log = finished
-    assert "4 points: 4 done" in log and "running  points/top_k=2,seed=1" in log
+    assert "4 points: 4 done" in log and "running  points/model.top_k=2,seed=1" in log
     with open(os.path.join(workdir, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [r["point"] for r in rows] == NAMES and {r["status"] for r in rows} == {"done"}
@@ -85,7 +85,7 @@ def test_the_table_holds_each_points_own_numbers(finished):
         assert float(row["eval/ce/final"]) == evals[-1]["eval/ce"]
         assert float(row["eval/ce/best"]) == min(r["eval/ce"] for r in evals)
         assert float(row["maxvio_mean/final"]) == records[-1]["maxvio_mean"]
-        assert row["model.top_k"] == row["point"][6] and row["seed"] == row["point"][-1]
+        assert row["point"] == f"model.top_k={row['model.top_k']},seed={row['seed']}"
         assert int(row["tokens"]) == 4 * 8 * 48 and float(row["wall_s"]) > 0
     for name in NAMES:  # every point's command is on file, with its output
         command = _text(os.path.join(workdir, "points", name, "command"))
@@ -102,13 +102,14 @@ def test_the_markdown_summary_equals_a_hand_computation(finished):
     text = _text(os.path.join(workdir, "results.md"))
     section = text.split("## eval/ce/final")[1].split("##")[0]
     for k in ("1", "2"):
-        a, b = ce[f"top_k={k},seed=0"], ce[f"top_k={k},seed=1"]
+        a, b = ce[f"model.top_k={k},seed=0"], ce[f"model.top_k={k},seed=1"]
         mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)
         half = t_quantile(0.975, 1) * std / math.sqrt(2)  # 12.706 std / sqrt 2
         line = next(line for line in section.splitlines() if line.startswith(f"| model.top_k={k}"))
         assert f"{mean:.4f} ± {std:.4f} | [{mean - half:.4f}, {mean + half:.4f}] | 2 |" in line
     # The difference from the baseline, paired by seed: two differences, their mean and t-interval.
-    d0, d1 = ce["top_k=2,seed=0"] - ce["top_k=1,seed=0"], ce["top_k=2,seed=1"] - ce["top_k=1,seed=1"]
+    d0 = ce["model.top_k=2,seed=0"] - ce["model.top_k=1,seed=0"]
+    d1 = ce["model.top_k=2,seed=1"] - ce["model.top_k=1,seed=1"]
     mean, std = (d0 + d1) / 2, abs(d0 - d1) / math.sqrt(2)
     line = next(line for line in section.splitlines() if line.startswith("| model.top_k=2"))
     assert f"| {mean:.4f} ± {std:.4f} (n=2) |" in line
@@ -147,14 +148,15 @@ def test_a_failing_point_does_not_stop_the_others_and_an_added_seed_runs_only_ne
                              "--axis=model.top_k=1,2,99", "--seeds=0,1,2", "--parallel=2", *TINY],
                             check=False, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
-    assert "3 of 9 points did not finish: top_k=99,seed=0, top_k=99,seed=1, top_k=99,seed=2" in result.stderr
-    assert "FAILED points/top_k=99,seed=0: exit status 1" in result.stdout and "top_k" in result.stdout
+    failed = ", ".join(f"model.top_k=99,seed={seed}" for seed in range(3))
+    assert f"3 of 9 points did not finish: {failed}" in result.stderr
+    assert "FAILED points/model.top_k=99,seed=0: exit status 1" in result.stdout and "top_k" in result.stdout
     # 4 finished before; 2 new (seed 2 of each good configuration) ran; 3 failed.
     assert "(4 finished before; 5 to run, 2 at a time" in result.stdout
     with open(os.path.join(workdir, "results.csv")) as f:
         status = {r["point"]: r["status"] for r in csv.DictReader(f)}
     assert status == {p.name: "failed" if "99" in p.name else "done" for p in grown.points()}
-    log = _text(os.path.join(workdir, "points", "top_k=99,seed=1", "output.log"))
+    log = _text(os.path.join(workdir, "points", "model.top_k=99,seed=1", "output.log"))
     assert "model.top_k" in log and "FATAL" in log
 
 
@@ -170,11 +172,11 @@ def test_a_killed_point_resumes_and_ends_with_the_uninterrupted_losses(finished,
         time.sleep(0.2)
     os.kill(_json(os.path.join(point, "LOCK"))["pid"], signal.SIGKILL)
     output = sweep.communicate()[0]
-    assert sweep.returncode == 1 and "FAILED points/top_k=2,seed=1: exit status -9" in output
+    assert sweep.returncode == 1 and "FAILED points/model.top_k=2,seed=1: exit status -9" in output
     rerun = subprocess.run(argv, check=False, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "resum" in _text(os.path.join(point, "output.log"))
-    assert _losses(point) == _losses(os.path.join(finished[0], "points", "top_k=2,seed=1"))
+    assert _losses(point) == _losses(os.path.join(finished[0], "points", "model.top_k=2,seed=1"))
 
 
 @pytest.mark.slow
@@ -185,6 +187,6 @@ def test_slurm_runs_the_points_through_submitit(tmp_path):
     out = io.StringIO()
     outcome = run_sweep(one, workdir, launcher="slurm", slurm=SlurmOptions(cluster="local"), out=out)
     assert not outcome.failures, out.getvalue()
-    assert "as one SLURM job array" in out.getvalue() and "done     points/top_k=2,seed=0  job" in out.getvalue()
+    assert "as one SLURM job array" in out.getvalue() and "done     points/model.top_k=2,seed=0  job" in out.getvalue()
     assert os.path.isdir(os.path.join(workdir, "slurm"))
     assert all(os.path.exists(os.path.join(d, "DONE")) for d in outcome.point_dirs.values())

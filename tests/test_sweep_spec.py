@@ -17,7 +17,7 @@ def test_points_are_the_product_of_variants_axes_and_seeds_with_readable_names()
     points = sweep.points()
     assert len(points) == 2 * 2 * 2 * 2  # variants x top_k x the zipped pair x seeds
     first = points[0]
-    assert first.name == "variant=a,top_k=1,n_experts=8,x=1,seed=0"
+    assert first.name == "variant=a,model.top_k=1,model.n_experts=8,loss.x=1,seed=0"
     assert first.flags == ("--config.steps=5", "--config.model.aux_loss_coef=0.01", "--config.model.top_k=1",
                            "--config.model.n_experts=8", "--config.loss.x=1", "--config.seed=0")
     assert [p.values["loss.x"] for p in points if p.values["model.n_experts"] == "16"] == ["2"] * 8  # zipped
@@ -56,7 +56,7 @@ def test_baselines_variants_and_sweep_files(tmp_path):
     assert load_sweep(str(tmp_path / "s.json")) == sweep
     (tmp_path / "s.py").write_text("from moe_jax.sweep.spec import Axis, Sweep\n"
                                    "def sweep():\n    return Sweep('grpo', axes=(Axis.of({'loss.beta': [0.0, 0.1]}),))\n")
-    assert [p.name for p in load_sweep(str(tmp_path / "s.py")).points()] == ["beta=0.0,seed=0", "beta=0.1,seed=0"]
+    assert [p.name for p in load_sweep(str(tmp_path / "s.py")).points()] == ["loss.beta=0.0,seed=0", "loss.beta=0.1,seed=0"]
     (tmp_path / "bad.json").write_text(json.dumps({"experiment": "sft", "axis": []}))
     with pytest.raises(InputError, match=r"unknown key\(s\) \['axis'\]"):
         load_sweep(str(tmp_path / "bad.json"))

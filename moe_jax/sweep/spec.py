@@ -149,7 +149,6 @@ class Sweep:
     def points(self) -> list[Point]:
         """Every point, in the product's order (variants, axes, then seeds)."""
         variants = list(self.variants.items()) or [(None, ())]
-        short = _short_names(self.axis_paths())
         points = []
         for (variant, variant_flags), *settings, seed in itertools.product(
                 variants, *(axis.values for axis in self.axes), self.seeds):
@@ -161,7 +160,7 @@ class Sweep:
                     flags.append(f"--{CONFIG_PREFIX}{path}={value}")
             values[SEED] = str(seed)
             flags.append(f"--{CONFIG_PREFIX}seed={seed}")
-            points.append(Point(_point_name(values, short), values, tuple(flags)))
+            points.append(Point(_point_name(values), values, tuple(flags)))
         return points
 
     def to_json(self) -> dict[str, Any]:
@@ -181,15 +180,9 @@ class Sweep:
                    tree.get("baseline"))
 
 
-def _short_names(paths: Sequence[str]) -> dict[str, str]:
-    """Each path by its last part, unless two paths share it (then the whole path)."""
-    last = [p.rsplit(".", 1)[-1] for p in paths]
-    return {p: (tail if last.count(tail) == 1 else p) for p, tail in zip(paths, last)}
-
-
-def _point_name(values: Mapping[str, str], short: Mapping[str, str]) -> str:
-    """`top_k=2,seed=0`: readable, one folder name (no `/` or spaces), a hash past `_MAX_NAME`."""
-    name = ",".join(f"{short.get(k, k)}={re.sub(r'[^A-Za-z0-9_.+=-]', '_', v)}" for k, v in values.items())
+def _point_name(values: Mapping[str, str]) -> str:
+    """`model.top_k=2,seed=0`: readable, one folder name (no `/` or spaces), a hash past `_MAX_NAME`."""
+    name = ",".join(f"{k}={re.sub(r'[^A-Za-z0-9_.+=-]', '_', v)}" for k, v in values.items())
     if len(name) > _MAX_NAME:
         name = name[:_MAX_NAME - 9] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
     return name

@@ -25,7 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from moe_jax.parallel.distributed import is_lead
-from moe_jax.train.workdir import require_directory
+from moe_jax.train.workdir import mark_done, require_directory, unmark_done
 
 LOCK_FILE = "LOCK"
 _HELD: dict[str, int] = {}  # the workdirs this process holds -> how many `with` blocks hold each
@@ -135,3 +135,16 @@ def _locked(workdir: str) -> Iterator[None]:
         if not got_it:
             raise WorkdirLockedError(f"{workdir} is in use by another run (the lead process could not lock it)")
         yield
+
+
+@contextlib.contextmanager
+def command_workdir(workdir: str) -> Iterator[None]:
+    """The folder of a command of several runs (a graph of steps, `r1_zero.py`'s two runs): held for
+    the command's life as a run holds its own, its `DONE` removed as it starts and written when the
+    block ends without an error — the command finished (what a sweep's point waits for)."""
+    with lock_workdir(workdir):
+        if is_lead():
+            unmark_done(workdir)
+        yield
+        if is_lead():
+            mark_done(workdir, 0, {})

@@ -20,12 +20,11 @@ run is recognised (`read_done`) without building a model.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from moe_jax.parallel.distributed import is_lead
@@ -172,17 +171,6 @@ def unmark_done(workdir: str) -> None:
     """A finished run or graph that goes on is no longer finished: remove its `DONE`."""
     if os.path.exists(os.path.join(workdir, DONE_FILE)):
         os.remove(os.path.join(workdir, DONE_FILE))
-
-
-@contextlib.contextmanager
-def done_when_finished(workdir: str) -> Iterator[None]:
-    """A command of several runs (a graph of steps) is finished when the block ends without an
-    error: its `DONE` is removed as it starts and written then (what a sweep's point waits for)."""
-    if is_lead():
-        unmark_done(workdir)
-    yield
-    if is_lead():
-        mark_done(workdir, 0, {})
 
 
 def read_done(workdir: str) -> dict[str, Any] | None:
