@@ -12,6 +12,7 @@ curves.png and finals.png.
     python experiments/sweep.py --workdir=/tmp/s --sweep=my_sweep.json --launcher=slurm --slurm.partition=gpu
     python experiments/sweep.py --aggregate=/tmp/topk                  # the tables again (e.g. --metrics=eval/ce)
     python experiments/sweep.py --aggregate=/tmp/r1_seeds --runs=/tmp/r1_s0,/tmp/r1_s1,/tmp/r1_s2
+    python experiments/sweep.py --aggregate=/tmp/my_runs              # every run folder inside it
 
 Flags this script does not know (`--config.*`, `--recipe`, `--scale`, `--init_from`, ...) are the
 experiment's, given to every point. `--zip=path=v1,v2` flags form one axis together (their values
@@ -50,8 +51,8 @@ flags.DEFINE_enum("launcher", "local", LAUNCHERS, "local: parallel processes her
 flags.DEFINE_integer("parallel", None, "local: points at once, each on its share of the cores (default: one "
                      "per core on a CPU machine, one on a GPU/TPU)")
 flags.DEFINE_list("metrics", [], "metrics to draw and summarize first (default: the experiment's)")
-flags.DEFINE_string("aggregate", None, "only write the tables and plots of the sweep in this folder (or, with "
-                    "--runs, of those runs)")
+flags.DEFINE_string("aggregate", None, "only write the tables and plots of the sweep in this folder (or of the "
+                    "run folders in it, or, with --runs, of those runs)")
 flags.DEFINE_list("runs", [], "with --aggregate: run folders no sweep launched, grouped by their configs")
 flags.DEFINE_string("slurm.partition", None, "slurm: the partition")
 flags.DEFINE_integer("slurm.time_min", 60, "slurm: each task's time limit (minutes)")

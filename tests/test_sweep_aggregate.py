@@ -5,6 +5,8 @@ import csv
 import json
 import math
 
+import pytest
+
 from moe_jax.pipeline import report
 from moe_jax.stats import t_quantile
 from moe_jax.sweep.aggregate import aggregate, lower_is_better
@@ -46,6 +48,10 @@ def test_runs_that_differ_in_a_field_are_grouped_by_it(tmp_path):
     table = aggregate(str(tmp_path / "summary"), runs)
     assert table.axes == ["cold_start.steps"]
     assert [len(rows) for rows in table.configurations().values()] == [2, 1]
+    (tmp_path / "summary" / "not_a_run").mkdir()
+    assert aggregate(str(tmp_path)).rows == table.rows  # the run folders inside a folder
+    with pytest.raises(FileNotFoundError, match="no sweep.json and no run folders"):
+        aggregate(str(tmp_path / "summary"))
 
 
 def test_which_way_is_better():

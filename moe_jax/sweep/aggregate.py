@@ -173,6 +173,13 @@ def collect_runs(run_dirs: Sequence[str], metrics: Sequence[str] = ()) -> Table:
     return Table(differing, rows, metrics, curves)
 
 
+def run_folders(folder: str) -> list[str]:
+    """The folders directly inside `folder` that hold a run or a graph (its saved config)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names
+            if any(os.path.exists(os.path.join(folder, n, f)) for f in (workdir_format.CONFIG_FILE, PIPELINE_CONFIG_FILE))]
+
+
 def _experiment_of(run_dirs: Sequence[str]) -> Experiment:
     """The kind of the runs by their files: an R1 pipeline, another graph, a GRPO or another run."""
     first = run_dirs[0]
@@ -311,8 +318,14 @@ def _verdict(difference: Summary, column: str) -> str:
 
 def aggregate(workdir: str, run_dirs: Sequence[str] = (), *, metrics: Sequence[str] = (),
               failed: Sequence[str] = ()) -> Table:
-    """Collect the sweep in `workdir` (or, given `run_dirs`, those runs) and write `workdir`'s
-    results.csv, results.md, curves.png and finals.png. Returns the table."""
+    """Collect the sweep in `workdir` (or, given `run_dirs` or when `workdir` holds no sweep but run
+    folders, those runs) and write `workdir`'s results.csv, results.md, curves.png and finals.png.
+    Returns the table."""
+    if not run_dirs and not os.path.exists(os.path.join(workdir, SWEEP_FILE)):
+        run_dirs = run_folders(workdir)
+        if not run_dirs:
+            raise FileNotFoundError(f"{workdir} holds no {SWEEP_FILE} and no run folders (with config.json or "
+                                    f"{PIPELINE_CONFIG_FILE}). Fix: give a sweep's folder, or --runs=<run folders>")
     if run_dirs:
         table, title = collect_runs(run_dirs, metrics), f"{len(run_dirs)} runs"
     else:

@@ -130,10 +130,9 @@ def run_local(todo: Sequence[Pending], parallel: int, view: SweepView) -> dict[s
 
 def _start_ready(queue: collections.deque, running: dict, shares: list[tuple[int, ...]], view: SweepView,
                  outcomes: dict[str, float | BaseException]) -> None:
-    """Start queued points while cores are free; a point another process holds waits its turn."""
+    """Start queued points while cores are free; a point another process holds waits (and is done
+    when that process finishes it)."""
     for _ in range(len(queue)):
-        if not shares:
-            return
         pending = queue.popleft()
         name = pending.step.name
         busy = holder(pending.step_dir)
@@ -144,6 +143,9 @@ def _start_ready(queue: collections.deque, running: dict, shares: list[tuple[int
         if _done_elsewhere(pending):
             outcomes[name] = 0.0
             view.set(name, "done", "by another process")
+            continue
+        if not shares:
+            queue.append(pending)
             continue
         cores = shares.pop(0)
         running[name] = (pending, start_point(pending, cores), time.time(), cores)
