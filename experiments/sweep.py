@@ -68,10 +68,17 @@ _EXPERIMENT_FLAGS: list[str] = []  # the flags given to every point
 def parse_flags(argv: list[str]) -> list[str]:
     """This script's flags by absl; every other `--flag` is the experiment's (kept for the points)."""
     own, rest = [argv[0]], []
+    goes_to = own
     for arg in argv[1:]:
-        name = arg.lstrip("-").split("=", 1)[0]
-        known = name in FLAGS or (name.startswith("no") and name[2:] in FLAGS)
-        (own if known or not arg.startswith("--") else rest).append(arg)
+        if arg.startswith("-"):
+            name = arg.lstrip("-").split("=", 1)[0]
+            known = name in FLAGS or (name.startswith("no") and name[2:] in FLAGS)
+            goes_to = own if known else rest
+            goes_to.append(arg)
+        elif goes_to is rest and rest and "=" not in rest[-1]:  # `--config.steps 300`: one flag, as a point takes it
+            rest[-1] += "=" + arg
+        else:
+            goes_to.append(arg)
     _EXPERIMENT_FLAGS.extend(rest)
     return app.parse_flags_with_usage(own)
 

@@ -176,7 +176,7 @@ class Sweep:
         if unknown or "experiment" not in tree:
             raise InputError(f"sweep file: unknown key(s) {unknown} or no 'experiment'; the keys are {sorted(known)}")
         return cls(tree["experiment"], tuple(tree.get("base", ())), tuple(Axis.of(a) for a in tree.get("axes", ())),
-                   {k: tuple(v) for k, v in tree.get("variants", {}).items()}, tuple(tree.get("seeds", (0,))),
+                   {k: tuple(v) for k, v in tree.get("variants", {}).items()}, tuple(map(int, tree.get("seeds", (0,)))),
                    tree.get("baseline"))
 
 
