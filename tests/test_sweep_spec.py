@@ -35,6 +35,9 @@ def test_a_field_the_experiment_lacks_fails_naming_the_valid_ones():
     Sweep("grpo", axes=(Axis.parse("loss.loss_type=grpo,dr_grpo"),)).validate()
     Sweep("r1_pipeline", axes=(Axis.parse("cold_start.steps=10,20"),)).validate()
     Sweep("distill", axes=(Axis.parse("kd.mode=sequence,logit"),)).validate()
+    with pytest.raises(InputError, match=r"r1_pipeline.py has no flag\(s\) \['scael'\]; its flags .*, scale"):
+        Sweep("r1_pipeline", base=("--scael=0.05",)).validate()  # asks the script (--helpxml)
+    Sweep("r1_pipeline", base=("--scale=0.05", "--recipe=countdown", "--noconfig.base.corpus.loss_on_prompt")).validate()
     with pytest.raises(InputError, match="each point's own"):
         Sweep("pretrain", base=("--workdir=/tmp/x",)).validate()
     with pytest.raises(InputError, match="more than one axis"):

@@ -4,7 +4,11 @@ fields a sweep may set), the file that says a point finished, and where its runs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Mapping
 
 from moe_jax.distill.config import DistillConfig
@@ -33,6 +37,18 @@ class Experiment:
     @property
     def script_path(self) -> str:
         return os.path.join(SCRIPTS_DIR, self.script)
+
+    def flag_names(self) -> frozenset[str]:
+        """Every flag the script takes, as absl lists them (`--helpxml`, a few seconds: asked only
+        when a sweep gives flags other than `--config.*`)."""
+        return _flag_names(self.script_path)
+
+
+@functools.cache
+def _flag_names(script_path: str) -> frozenset[str]:
+    listing = subprocess.run([sys.executable, script_path, "--helpxml"], capture_output=True, text=True, check=False,
+                             timeout=300)
+    return frozenset(re.findall(r"<name>([^<]+)</name>", listing.stdout))
 
 
 _PIPELINE_RL = ("reasoning_rl", "final_rl", "r1_zero")

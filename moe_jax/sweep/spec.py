@@ -109,13 +109,24 @@ class Sweep:
         fields), a path set twice, a bad baseline or no seeds."""
         fields = override_fields(self.spec.config_class)
         named = [p for axis in self.axes for p in axis.paths]
+        others = []  # the script's own flags (--scale, --recipe, ...)
         for flags in (self.base, *self.variants.values()):
             for flag in flags:
                 name = flag.lstrip("-").split("=", 1)[0]
                 if "--" + name in _FLAGS_OF_THE_SWEEP:
                     raise InputError(f"sweep: {flag} is each point's own (DIR/points/<name>); drop it from the flags")
-                if name.startswith(CONFIG_PREFIX):
-                    named.append(name.removeprefix(CONFIG_PREFIX))
+                if name.removeprefix("no").startswith(CONFIG_PREFIX):
+                    named.append(name.removeprefix("no").removeprefix(CONFIG_PREFIX))
+                else:
+                    others.append(name)
+        if others:
+            known = self.spec.flag_names()
+            unknown_flags = sorted({n for n in others if n not in known and n.removeprefix("no") not in known})
+            if unknown_flags:
+                listed = sorted(n for n in _script_flags(known) if not n.startswith(CONFIG_PREFIX)
+                                and "--" + n not in _FLAGS_OF_THE_SWEEP)
+                raise InputError(f"sweep: experiments/{self.spec.script} has no flag(s) {unknown_flags}; its flags "
+                                 f"besides --config.*: {', '.join(listed)}")
         unknown = sorted({p for p in named if CONFIG_PREFIX + p not in fields})
         if unknown:
             parts = {u.rsplit(".", 1)[0] + "." if "." in u else "" for u in unknown}
@@ -178,6 +189,13 @@ class Sweep:
         return cls(tree["experiment"], tuple(tree.get("base", ())), tuple(Axis.of(a) for a in tree.get("axes", ())),
                    {k: tuple(v) for k, v in tree.get("variants", {}).items()}, tuple(map(int, tree.get("seeds", (0,)))),
                    tree.get("baseline"))
+
+
+def _script_flags(known: frozenset[str]) -> set[str]:
+    """The flags a researcher gives a script (not absl's, logging's or grain's own)."""
+    library = ("help", "only_check", "pdb", "profil", "run_with", "use_cprofile", "log", "alsolog", "showprefix",
+               "stderr", "verbosity", "grain_", "array_record", "experimental_", "jax_", "xla_", "tt_")
+    return {n for n in known if not n.startswith(library)}
 
 
 def _point_name(values: Mapping[str, str]) -> str:
