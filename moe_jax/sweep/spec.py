@@ -105,35 +105,12 @@ class Sweep:
         return ([VARIANT] if self.variants else []) + [p for axis in self.axes for p in axis.paths]
 
     def validate(self) -> None:
-        """Refuse, before anything runs, a field the experiment does not have (naming its valid
-        fields), a path set twice, a bad baseline or no seeds."""
-        fields = override_fields(self.spec.config_class)
-        named = [p for axis in self.axes for p in axis.paths]
-        others = []  # the script's own flags (--scale, --recipe, ...)
-        for flags in (self.base, *self.variants.values()):
-            for flag in flags:
-                name = flag.lstrip("-").split("=", 1)[0]
-                if "--" + name in _FLAGS_OF_THE_SWEEP:
-                    raise InputError(f"sweep: {flag} is each point's own (DIR/points/<name>); drop it from the flags")
-                if name.removeprefix("no").startswith(CONFIG_PREFIX):
-                    named.append(name.removeprefix("no").removeprefix(CONFIG_PREFIX))
-                else:
-                    others.append(name)
+        """Refuse, before anything runs: a field or flag the experiment lacks (naming the valid
+        ones), a flag that is each point's own, a path set twice, a bad baseline, no or repeated seeds."""
+        config_paths, others = self._given_flags()
+        self._check_fields([p for axis in self.axes for p in axis.paths] + config_paths)
         if others:
-            known = self.spec.flag_names()
-            unknown_flags = sorted({n for n in others if n not in known and n.removeprefix("no") not in known})
-            if unknown_flags:
-                listed = sorted(n for n in _script_flags(known) if not n.startswith(CONFIG_PREFIX)
-                                and "--" + n not in _FLAGS_OF_THE_SWEEP)
-                raise InputError(f"sweep: experiments/{self.spec.script} has no flag(s) {unknown_flags}; its flags "
-                                 f"besides --config.*: {', '.join(listed)}")
-        unknown = sorted({p for p in named if CONFIG_PREFIX + p not in fields})
-        if unknown:
-            parts = {u.rsplit(".", 1)[0] + "." if "." in u else "" for u in unknown}
-            part = parts.pop() if len(parts) == 1 else ""
-            valid = valid_fields(self.spec.config_class, part) or valid_fields(self.spec.config_class)
-            raise InputError(f"sweep: experiment {self.experiment!r} has no field(s) {unknown}. Valid fields: "
-                             f"{', '.join(valid)}")
+            self._check_script_flags(others)
         axis_paths = [p for axis in self.axes for p in axis.paths]
         twice = sorted({p for p in axis_paths if axis_paths.count(p) > 1} | ({SEED} & set(axis_paths)))
         if twice:
@@ -143,6 +120,39 @@ class Sweep:
         if self.baseline is not None and self.baseline_values() is None:
             raise InputError(f"sweep: --baseline={self.baseline} is neither a variant ({', '.join(self.variants)}) "
                              f"nor path=value of an axis ({', '.join(self.axis_paths())})")
+
+    def _given_flags(self) -> tuple[list[str], list[str]]:
+        """The `--config.*` paths and the other flag names of the base and the variants."""
+        config_paths, others = [], []
+        for flags in (self.base, *self.variants.values()):
+            for flag in flags:
+                name = flag.lstrip("-").split("=", 1)[0]
+                if "--" + name in _FLAGS_OF_THE_SWEEP:
+                    raise InputError(f"sweep: {flag} is each point's own (DIR/points/<name>); drop it from the flags")
+                if name.removeprefix("no").startswith(CONFIG_PREFIX):
+                    config_paths.append(name.removeprefix("no").removeprefix(CONFIG_PREFIX))
+                else:
+                    others.append(name)
+        return config_paths, others
+
+    def _check_fields(self, paths: Sequence[str]) -> None:
+        fields = override_fields(self.spec.config_class)
+        unknown = sorted({p for p in paths if CONFIG_PREFIX + p not in fields})
+        if unknown:
+            parts = {u.rsplit(".", 1)[0] + "." if "." in u else "" for u in unknown}
+            part = parts.pop() if len(parts) == 1 else ""
+            valid = valid_fields(self.spec.config_class, part) or valid_fields(self.spec.config_class)
+            raise InputError(f"sweep: experiment {self.experiment!r} has no field(s) {unknown}. Valid fields: "
+                             f"{', '.join(valid)}")
+
+    def _check_script_flags(self, names: Sequence[str]) -> None:
+        known = self.spec.flag_names()
+        unknown = sorted({n for n in names if n not in known and n.removeprefix("no") not in known})
+        if unknown:
+            listed = sorted(n for n in _script_flags(known) if not n.startswith(CONFIG_PREFIX)
+                            and "--" + n not in _FLAGS_OF_THE_SWEEP)
+            raise InputError(f"sweep: experiments/{self.spec.script} has no flag(s) {unknown}; its flags besides "
+                             f"--config.*: {', '.join(listed)}")
 
     def baseline_values(self) -> dict[str, str] | None:
         """The baseline as values a configuration must have (None when it names nothing)."""
