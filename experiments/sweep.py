@@ -46,7 +46,7 @@ flags.DEFINE_string("sweep", None, "a sweep file (JSON, or Python with sweep() o
                     "add to it")
 flags.DEFINE_string("baseline", None, "the configuration the table compares against: a variant's name or "
                     "path=value of an axis")
-flags.DEFINE_enum("launcher", "local", LAUNCHERS, "local: parallel processes here; print: print each point's "
+flags.DEFINE_enum("launcher", "local", [*LAUNCHERS, "print"], "local: parallel processes here; print: print each point's "
                   "command; slurm: one SLURM job array (submitit)")
 flags.DEFINE_integer("parallel", None, "local: points at once, each on its share of the cores (default: one "
                      "per core on a CPU machine, one on a GPU/TPU)")

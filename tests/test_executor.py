@@ -20,7 +20,7 @@ import pytest
 from moe_jax import runs
 from moe_jax.distill.config import KDRunConfig
 from moe_jax.errors import InputError
-from moe_jax.pipeline.executor import Step, StepIncomplete, read_step, run_steps, step_key
+from moe_jax.pipeline.executor import Step, StepIncomplete, read_step, run_independent, run_steps, step_key
 from moe_jax.pipeline.steps import finished_run
 from moe_jax.rl.trainer import train_grpo
 from moe_jax.train import config_tree
@@ -79,6 +79,26 @@ def test_steps_skip_resume_and_redo_downstream(tmp_path):
     calls.clear()
     run_steps(workdir, _graph(calls, {"b": {"y": 3}, "d": {"w": 5}}), only=["c"])
     assert calls == []
+
+
+def test_independent_steps_are_launched_together_and_each_outcome_recorded(tmp_path):
+    calls = []
+    steps = [_counting_step(n, (), {"n": n}, calls) for n in ("p", "q", "r", "s")]
+    launched = []
+
+    def launch(todo):  # p computed here; q fails; r another process finished; s returns without DONE
+        launched.append([pending.step.name for pending in todo])
+        todo[0].step.fn(todo[0].step_dir, {})
+        workdir_format.mark_done(todo[2].step_dir, 1, {})
+        return {"p": 2.5, "q": RuntimeError("exit status 1"), "r": None, "s": 1.0}
+
+    keys, errors = run_independent(str(tmp_path), steps, launch)
+    assert launched == [["p", "q", "r", "s"]] and set(keys) == {"p", "q", "r", "s"}
+    assert set(errors) == {"q", "s"} and isinstance(errors["s"], StepIncomplete)
+    assert read_step(str(tmp_path / "p"))["attempts"] == [{"seconds": 2.5}]
+    assert read_step(str(tmp_path / "r"))["attempts"] == []  # the other process's record is not ours to write
+    _, errors = run_independent(str(tmp_path), steps, lambda todo: launched.append([p.step.name for p in todo]) or {})
+    assert launched[-1] == ["q", "s"] and set(errors) == {"q", "s"}  # done ones skipped; the rest not launched
 
 
 def test_a_graph_folder_that_is_a_file_is_one_clear_error(tmp_path):

@@ -200,12 +200,13 @@ def run_steps(workdir: str, steps: Sequence[Step], *, only: Sequence[str] = ()) 
 
 
 def run_independent(workdir: str, steps: Sequence[Step],
-                    launch: Callable[[Sequence[Pending]], Mapping[str, float | BaseException]]
+                    launch: Callable[[Sequence[Pending]], Mapping[str, float | BaseException | None]]
                     ) -> tuple[dict[str, str], dict[str, BaseException]]:
     """Steps that read no other step (a sweep's points), decided as `run_steps` decides (skipped,
     resumed, superseded) and then computed together by `launch(pending)`, however it likes
-    (parallel processes, a job array), which returns each step's wall seconds or the error it
-    ended with. A step computed by another process must take its folder's lock itself (an
+    (parallel processes, a job array), which returns each step's wall seconds, the error it
+    ended with, or None when another process (a second graph on the folder) computed it — its
+    record stands. A step computed by another process must take its folder's lock itself (an
     experiment's run does), so it is not taken here. One process only. Returns ({step: key},
     {step: error}) — a step that failed or did not write `DONE` is in the second."""
     graph = _Graph(workdir)
@@ -225,7 +226,10 @@ def run_independent(workdir: str, steps: Sequence[Step],
         try:
             if isinstance(outcome, BaseException):
                 raise outcome
-            _finish(pending, records[pending.step.name], outcome)
+            if outcome is None:
+                _check_done(pending)
+            else:
+                _finish(pending, records[pending.step.name], outcome)
         except Exception as e:  # noqa: BLE001 -- one failed point is reported; the others are recorded
             errors[pending.step.name] = e
     return graph.keys, errors
@@ -290,13 +294,18 @@ def _begin(pending: Pending) -> dict[str, Any]:
     return record
 
 
-def _finish(pending: Pending, record: Mapping[str, Any], seconds: float) -> None:
-    """A step is done only when it wrote `DONE`; record its outputs' digests and the attempt's time."""
+def _check_done(pending: Pending) -> None:
     step_dir, name = pending.step_dir, pending.step.name
     if workdir_format.read_done(step_dir) is None:
         raise StepIncomplete(f"step {name!r} stopped before it finished ({step_dir} has no DONE; e.g. its run "
                              "was preempted and saved): no step that reads it ran. Fix: rerun the same command; "
                              "it resumes this step")
+
+
+def _finish(pending: Pending, record: Mapping[str, Any], seconds: float) -> None:
+    """A step is done only when it wrote `DONE`; record its outputs' digests and the attempt's time."""
+    _check_done(pending)
+    step_dir = pending.step_dir
     outputs = {output: digest(os.path.join(step_dir, output)) for output in pending.step.outputs
                if os.path.exists(os.path.join(step_dir, output))}
     _write_record(step_dir, {**record, "outputs": outputs, "attempts": [*record["attempts"], {"seconds": seconds}]})

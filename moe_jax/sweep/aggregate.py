@@ -37,7 +37,7 @@ from moe_jax.train.metrics import METRICS_FILE, read_metrics
 CURVES_PNG, FINALS_PNG = "curves.png", "finals.png"
 # A metric is better lower when a part of its name says so (a loss, a violation, a mixed-language
 # share, a cost).
-_LOWER_IS_BETTER = ("ce", "loss", "maxvio", "drop", "perplexity", "mixed", "kl", "tokens", "params", "wall_s")
+_LOWER_IS_BETTER = ("ce", "loss", "maxvio", "drop", "perplexity", "mixed", "kl", "tokens", "params", "wall")
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ class Table:
 
 def lower_is_better(metric: str) -> bool:
     parts = metric.replace("/", "_").split("_")
-    return any(word in parts for word in _LOWER_IS_BETTER) or metric.endswith("wall_s")
+    return any(word in parts for word in _LOWER_IS_BETTER)
 
 
 def _status(point_dir: str, failed: bool) -> str:

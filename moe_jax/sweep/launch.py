@@ -93,12 +93,13 @@ def start_point(pending: Pending, cores: tuple[int, ...] = ()) -> subprocess.Pop
                                 start_new_session=True)  # a Ctrl-C reaches the sweep, which stops them in order
 
 
-def run_local(todo: Sequence[Pending], parallel: int, view: SweepView) -> dict[str, float | BaseException]:
-    """Run the points, `parallel` at a time; returns each point's seconds or its error."""
+def run_local(todo: Sequence[Pending], parallel: int, view: SweepView) -> dict[str, float | BaseException | None]:
+    """Run the points, `parallel` at a time; returns each point's seconds, its error, or None for a
+    point another process finished while it waited."""
     shares = core_shares(parallel)
     queue = collections.deque(todo)
     running: dict[str, tuple[Pending, subprocess.Popen, float, tuple[int, ...]]] = {}
-    outcomes: dict[str, float | BaseException] = {}
+    outcomes: dict[str, float | BaseException | None] = {}
     try:
         while queue or running:
             _start_ready(queue, running, shares, view, outcomes)
@@ -129,7 +130,7 @@ def run_local(todo: Sequence[Pending], parallel: int, view: SweepView) -> dict[s
 
 
 def _start_ready(queue: collections.deque, running: dict, shares: list[tuple[int, ...]], view: SweepView,
-                 outcomes: dict[str, float | BaseException]) -> None:
+                 outcomes: dict[str, float | BaseException | None]) -> None:
     """Start queued points while cores are free; a point another process holds waits (and is done
     when that process finishes it)."""
     for _ in range(len(queue)):
@@ -141,7 +142,7 @@ def _start_ready(queue: collections.deque, running: dict, shares: list[tuple[int
             queue.append(pending)
             continue
         if _done_elsewhere(pending):
-            outcomes[name] = 0.0
+            outcomes[name] = None  # its record is the other process's
             view.set(name, "done", "by another process")
             continue
         if not shares:

@@ -26,7 +26,7 @@ from moe_jax.sweep.view import SweepView
 from moe_jax.train import config_tree
 from moe_jax.train.workdir import require_directory, write_text_atomically
 
-LAUNCHERS = ("local", "print", "slurm")
+LAUNCHERS = ("local", "slurm")  # and print, which runs nothing: `commands`
 _ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/accel0")  # a GPU or TPU: points would share its memory
 
 
@@ -84,7 +84,7 @@ def run_sweep(sweep: Sweep, workdir: str, *, launcher: str = "local", parallel: 
     view = SweepView([step.name for step in steps], out)
     parallel = parallel or default_parallel()
 
-    def launch(todo: Sequence[Pending]) -> Mapping[str, float | BaseException]:
+    def launch(todo: Sequence[Pending]) -> Mapping[str, float | BaseException | None]:
         started = {pending.step.name for pending in todo}
         view.states.update({step.name: "skipped" for step in steps if step.name not in started})
         how = (f"{min(parallel, len(todo))} at a time{_cores(parallel)}" if launcher == "local"
