@@ -48,6 +48,10 @@ def test_grpo_run_logs_trl_metrics_checkpoints_and_resumes(finished_run):
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[2]
     for m in metrics[1:]:
         assert TRL_NAMES <= set(m), TRL_NAMES - set(m)
+        # an untrained model answers nothing right: the verifier's split puts every completion in
+        # "incorrect" (the accuracy reward, the same verifier, agrees)
+        assert m["rewards/accuracy/mean"] == 0 and "completions/mean_length_correct" not in m
+        assert m["completions/mean_length_incorrect"] == m["completions/mean_length"]
     assert Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=1).latest_step() == 2
 
     longer = dataclasses.replace(CFG, steps=3)  # `steps` is not a cadence field: a conflict
@@ -127,3 +131,14 @@ def test_a_step_is_its_rollout_then_its_update():
     assert {k: v for k, v in whole.items() if k not in timings} == split
     for a, b in zip(jax.tree.leaves(whole_state), jax.tree.leaves(split_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_length_metrics_split_a_hand_made_batch_by_verdict():
+    from moe_jax.rl.trainer import length_metrics
+
+    lengths, correct = np.array([10, 30, 20, 40, 5, 7]), np.array([True, False, True, False, False, True])
+    assert length_metrics(lengths, correct) == pytest.approx({
+        "completions/mean_length": 112 / 6, "completions/mean_length_correct": 37 / 3,
+        "completions/mean_length_incorrect": 75 / 3, "completions/length_ratio": 75 / 37}, rel=1e-12)
+    assert length_metrics(lengths[:1], correct[:1]) == {"completions/mean_length": 10.0,
+                                                        "completions/mean_length_correct": 10.0}

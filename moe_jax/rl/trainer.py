@@ -49,6 +49,24 @@ def reward_metrics(scores: dict[str, np.ndarray], group_size: int) -> dict[str, 
     return metrics
 
 
+def length_metrics(lengths_B: np.ndarray, correct_B: np.ndarray) -> dict[str, float]:
+    """Completion lengths (tokens) of a generation batch: `completions/mean_length`, and split by
+    the verifier's verdict on each completion, `…/mean_length_correct` and `…_incorrect` and
+    `completions/length_ratio` (incorrect over correct) — Liu et al. 2025 (Dr. GRPO, §3.1) show
+    GRPO's length normalisation letting wrong answers grow longer while right ones do not. A
+    split with no completion in it is left out (no value, rather than a made-up one)."""
+    lengths_B, correct_B = np.asarray(lengths_B, np.float64), np.asarray(correct_B, bool)
+    metrics = {MEAN_LENGTH: float(lengths_B.mean())}
+    if correct_B.any():
+        metrics[f"{MEAN_LENGTH}_correct"] = float(lengths_B[correct_B].mean())
+    if not correct_B.all():
+        metrics[f"{MEAN_LENGTH}_incorrect"] = float(lengths_B[~correct_B].mean())
+    if correct_B.any() and not correct_B.all():
+        metrics["completions/length_ratio"] = (metrics[f"{MEAN_LENGTH}_incorrect"]
+                                               / max(metrics[f"{MEAN_LENGTH}_correct"], 1e-9))
+    return metrics
+
+
 def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
     """The parts of a GRPO run: prompt batches, the sample-score-update step (`GRPOStepper`),
     greedy held-out accuracy (also at step 0, the curve's starting point)."""
@@ -78,7 +96,8 @@ def grpo_run(cfg: GRPOConfig) -> driver.BuildRun:
             step=stepper, state=state, data=prompts, data_key="prompts",
             evaluate=evaluate, evaluate_at_start=True,
             progress_keys={"reward": "reward", "eval/accuracy": "acc"}, check=health,
-            plot_keys=["reward", "eval/accuracy", "rewards/format/mean", MEAN_LENGTH, "kl",
+            plot_keys=["reward", "eval/accuracy", "rewards/format/mean", MEAN_LENGTH, f"{MEAN_LENGTH}_correct",
+                       f"{MEAN_LENGTH}_incorrect", "kl",
                        "entropy", "clip_ratio/region_mean", "grad_norm"])
 
     return build
@@ -170,13 +189,13 @@ class GRPOStepper:
             return rollout, scores
 
         rollout, scores = sample(0)
-        first = all_rows({**scores, "lengths": rollout["lengths"], "truncated": rollout["truncated"]})
+        first = all_rows({**scores, **{name: rollout[name] for name in ("lengths", "truncated", "correct")}})
         metrics: dict[str, Any] = reward_metrics({name: first[name] for name in scores}, cfg.group_size)
         if cfg.dynamic_sampling:
             rollout, metrics["dynamic_sampling/batches"] = _informative_groups(
                 cfg, rollout, lambda attempt: sample(attempt)[0])
         batch = self._training_batch(rollout)
-        metrics.update({MEAN_LENGTH: float(first["lengths"].mean()),
+        metrics.update({**length_metrics(first["lengths"], first["correct"]),
                         "completions/clipped_ratio": float(first["truncated"].mean())})
         return Rollout(batch, metrics, int(first["lengths"].sum()), sampling_s[0])
 
@@ -189,13 +208,13 @@ class GRPOStepper:
 
     def _sample(self, policy: nnx.Module, key: jax.Array) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
         """This process's share of the next prompt batch, sampled and scored: (the rollout with its
-        total reward, every reward component, the seconds sampling took). A group never spans
-        processes."""
+        total reward and the verifier's verdict on each completion, every reward component, the
+        seconds sampling took). A group never spans processes."""
         cfg = self.cfg
         batch = next(self.prompts)
+        problems = [problem_at(self.task, cfg.seed, int(i)) for i in batch["problem_index"]]
         scored = sample_and_score(
-            policy, batch["prompt_tokens"], batch["prompt_segment_ids"],
-            [problem_at(self.task, cfg.seed, int(i)) for i in batch["problem_index"]],
+            policy, batch["prompt_tokens"], batch["prompt_segment_ids"], problems,
             task=self.task, tokenizer=self.tokenizer, sampling=cfg.sampling,
             reward_weights=parse_reward_weights(cfg.rewards), key=key, mesh=self.mesh, rules=self.rules)
         scores = scored.scores
@@ -203,7 +222,9 @@ class GRPOStepper:
             scores["overlong"] = np.asarray(grpo.overlong_penalty(
                 scored.rollout["lengths"], cfg.max_new_tokens, cfg.loss.overlong_buffer), np.float64)
             scores["total"] = scores["total"] + scores["overlong"]
-        return {**scored.rollout, "reward": scores["total"]}, scores, scored.sampling_s
+        G = cfg.group_size
+        correct_B = np.asarray([self.task.verify(problems[row // G], text) for row, text in enumerate(scored.texts)])
+        return {**scored.rollout, "reward": scores["total"], "correct": correct_B}, scores, scored.sampling_s
 
     def _training_batch(self, rollout: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The GRPO step's global batch from this process's rollout rows: group advantages, the

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -18,10 +19,12 @@ from jax.sharding import Mesh
 from moe_jax.data.pipelines import left_padded_prompts, packed_batches, problem_at, prompt_ids, task_examples
 from moe_jax.data.tasks import Problem, Task
 from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.models import router
 from moe_jax.models.sampler import SamplingConfig, jit_generate
 from moe_jax.parallel.distributed import all_rows, global_batch_array
 from moe_jax.parallel.rules import parse_rules, use_mesh
 from moe_jax.train.experiment_config import RunConfig
+from moe_jax.train.step import ROUTER_LOAD
 
 HELDOUT_SEED_OFFSET = 1_000_003  # the held-out stream of seed s is the stream of s + this
 
@@ -62,13 +65,22 @@ class Evaluator:
         self.rules = parse_rules(cfg.sharding_rules)
 
     def loss(self, model_state: nnx.State) -> dict[str, float]:
-        """Mean held-out loss terms (none when `eval_batches` is 0)."""
+        """Mean held-out loss terms over the eval batches (none when `eval_batches` is 0); a
+        per-layer term (an MoE's `maxvio`, `drop_frac`) as `<name>_mean`, its mean over layers
+        too, like the train metrics; and an MoE's balance over the whole set, `maxvio_global`."""
         totals: dict[str, float] = {}
+        load_LxE = None
         for batch in self.batches:
             metrics = self.eval_step(model_state, {k: global_batch_array(v, self.mesh) for k, v in batch.items()})
+            load = metrics.pop(ROUTER_LOAD, None)
+            if load is not None:
+                load_LxE = np.asarray(load, np.float64) + (0.0 if load_LxE is None else load_LxE)
             for name, value in metrics.items():
-                if np.ndim(value) == 0:
-                    totals[name] = totals.get(name, 0.0) + float(value) / len(self.batches)
+                value = np.asarray(value)
+                key = name if value.ndim == 0 else f"{name}_mean"
+                totals[key] = totals.get(key, 0.0) + float(value.mean()) / len(self.batches)
+        if load_LxE is not None:
+            totals["maxvio_global"] = maxvio_global(load_LxE)
         return {f"eval/{name}": value for name, value in totals.items()}
 
     def completions(self, model: nnx.Module) -> list[str]:
@@ -83,6 +95,14 @@ class Evaluator:
         texts = self.completions(model)
         return {**self.loss(nnx.state(model)), **{f"eval/{name}": value for name, value in
                                                    judge(self.task, self.problems, texts).items()}}
+
+
+def maxvio_global(load_LxE: np.ndarray) -> float:
+    """MaxVio_global of Wang et al. 2024 (§4.1): `(max_i Load_i − mean Load) / mean Load` of the
+    tokens each expert received over a whole held-out set (`load_LxE`, summed over its batches),
+    not batch by batch; averaged over the MoE layers. Batch-level MaxVio hides an expert that is
+    busy in every batch, and shows imbalance that averages out over the set."""
+    return float(np.mean([router.max_violation(jnp.asarray(load_E)) for load_E in load_LxE]))
 
 
 def judge(task: Task, problems: list[Problem], texts: list[str]) -> dict[str, float]:

@@ -158,12 +158,13 @@ def make_train_step(model: Transformer, optimizer: nnx.Optimizer, *, loss_fn: Lo
 def make_eval_step(model: Transformer, *, loss_fn: LossFn = lm_loss, mesh: Mesh | None = None,
                    rules: Rules | None = None) -> Callable[[nnx.State, Batch], dict]:
     """Jitted `eval_step(model_state, batch) -> metrics`: the objective's terms without a
-    gradient (`model_state` is `nnx.state(model)`, or `state[0]` of the train step's state)."""
+    gradient (`model_state` is `nnx.state(model)`, or `state[0]` of the train step's state),
+    with an MoE's router loads `[L, E]` under `ROUTER_LOAD` (the whole eval set's balance is
+    measured from their sum)."""
     graphdef, state = nnx.split(model)
 
     def eval_step(state: nnx.State, batch: Batch) -> dict:
         _, metrics = loss_fn(nnx.merge(graphdef, state), batch)
-        metrics.pop(ROUTER_LOAD, None)
         return metrics
 
     return jit_over_mesh(eval_step, state, mesh, donate=False, rules=rules)
