@@ -16,8 +16,8 @@ from moe_jax.data.tasks import make_task, problem_language
 from moe_jax.data.template import format_response
 from moe_jax.data.tokenizer import UNKNOWN_ID_TEXT
 from moe_jax.errors import InputError
-from moe_jax.pipeline import datasets, report
-from moe_jax.pipeline.config import RUN_STAGES, PipelineConfig, RejectionConfig
+from moe_jax.pipeline import cold_start, datasets, report
+from moe_jax.pipeline.config import RUN_STAGES, ColdStartData, PipelineConfig, RejectionConfig
 from moe_jax.pipeline.prompts import COLD_START_OFFSET, REJECTION_OFFSET, seen_problems
 from moe_jax.pipeline.rejection import rejection_reason
 from moe_jax.train import config_tree
@@ -117,7 +117,7 @@ def test_stage_prompts_avoid_eval_sets_and_reasoning_rl_prompts():
 
 def test_cold_start_records_have_provenance_and_read_back(tmp_path):
     problems = [problem_at(TASK, COLD_START_OFFSET, i) for i in range(20)]
-    records = datasets.cold_start_records(TASK, problems, 0.5, "compact", seed=1)
+    records = cold_start.synthetic_records(TASK, problems, ColdStartData(retry_rate=0.5), "compact", seed=1)
     path = str(tmp_path / "data.jsonl")
     datasets.write_dataset(str(tmp_path), records, {"n": 20}, array_record_above=10,
                            rejected=[{"prompt": "p", "completion": "c", "reason": "template"}])

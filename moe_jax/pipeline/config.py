@@ -13,6 +13,7 @@ the tree's identity and of `pipeline.json`). Each stage's task follows from the 
     final_rl        reasoning + non-reasoning prompts
     r1_zero         the baseline: reasoning_rl's config for the RL steps of both RL stages,
                     with R1-Zero's rewards (accuracy + format), from the base
+    r1_zero_long    with `cold_start_data.source=r1_zero` only: R1-Zero for all the pipeline's RL steps
 """
 
 from __future__ import annotations
@@ -41,22 +42,57 @@ from moe_jax.train.experiment_config import (
 )
 
 # The stages, in the order they run; names are fixed (flags, folders and tools address them).
-STAGES = ("base", "cold_start", "reasoning_rl", "rejection_sampling", "sft", "final_rl", "r1_zero")
+STAGES = ("base", "cold_start", "reasoning_rl", "rejection_sampling", "sft", "final_rl", "r1_zero", "r1_zero_long")
 RUN_STAGES = ("base", "cold_start", "reasoning_rl", "sft", "final_rl")  # the parts that are run configs
 SHARED_FIELDS = ("model", "seed", "template", "tokenizer")  # a stage's, from the top (and its task and options)
 DERIVED = (*SHARED_FIELDS, "task", "task_options")
 
 
+COLD_START_SOURCES = ("inverse", "commuted", "r1_zero")
+
+
 @dataclasses.dataclass(frozen=True)
 class ColdStartData:
-    """R1 §2.3.1's cold-start set: readable chains of thought that check their own work."""
+    """R1 §2.3.1's cold-start set: `examples` readable chains of thought, from `source`:
 
+        inverse   synthetic traces whose check undoes the result ("check 46-34=12 ok"), a skill
+                  the base never saw; `retry_rate` of them fail a first attempt and redo it
+        commuted  synthetic traces whose check works the sum again in the other order, step by
+                  step: the base's own skill (arithmetic only)
+        r1_zero   what R1 used: the R1-Zero stage's own samples of fresh prompts, kept when the
+                  verifier accepts them, they follow the template, every chain-of-thought word is
+                  in the prompt's language and they end within [min_tokens, max_tokens]; one per
+                  prompt, rewritten readable (one line a step, a closing summary). The `r1_zero`
+                  stage then runs before `cold_start`, and `r1_zero_long` is the fair baseline.
+    """
+
+    source: str = "inverse"
     examples: int = 1000
-    retry_rate: float = 0.3  # share whose first attempt fails its check and is redone
+    retry_rate: float = 0.3  # synthetic sources: the share whose first attempt fails its check and is redone
+    # the r1_zero source: how R1-Zero's model is sampled (k per prompt) and the kept lengths, in tokens
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=160, samples_per_prompt=4))
+    min_tokens: int = 8
+    max_tokens: int = 160
+    prompts_per_batch: int = 64
+    max_rounds: int = 8  # rounds of fresh prompts before settling for fewer than `examples`
 
     def __post_init__(self) -> None:
-        check_positive(self, "examples")
+        if self.source not in COLD_START_SOURCES:
+            raise config_error(self, "source", f"unknown {self.source!r}", f"use one of {COLD_START_SOURCES}")
+        check_positive(self, "examples", "min_tokens", "max_tokens", "prompts_per_batch", "max_rounds")
         check_number(self, "retry_rate", low=0, high=1, fix="use e.g. 0.3")
+        if self.min_tokens > self.max_tokens:
+            raise config_error(self, "min_tokens", f"{self.min_tokens} > max_tokens={self.max_tokens}",
+                               "give min_tokens <= max_tokens")
+        if self.sampling.temperature <= 0:
+            raise config_error(self, "sampling.temperature", "must be > 0: the r1_zero source keeps one of k "
+                               "different samples", "use e.g. 1.0")
+
+    def rejection(self, prompts: int) -> RejectionConfig:
+        """The filters and sampler settings of the r1_zero source, for `prompts` prompts."""
+        return RejectionConfig(prompts=prompts, prompts_per_batch=self.prompts_per_batch, sampling=self.sampling,
+                               min_tokens=self.min_tokens, max_tokens=self.max_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +210,10 @@ class PipelineConfig(config_tree.TreeConfig):
                                    "set --config.switch_rate instead")
         mixture, mixed_options = self.mixture()
         make_task(mixture, **parse_options(mixed_options))  # a bad option fails here, naming the field above
+        source, checks = self.cold_start_data.source, make_task(self.task, **parse_options(self.task_options)).readable_checks
+        if source != "r1_zero" and source not in checks:
+            raise config_error(self, "cold_start_data.source", f"{source!r}: task {self.task!r} checks its readable "
+                               f"solutions by {checks} only", f"use one of {(*checks, 'r1_zero')}")
         for stage in RUN_STAGES:  # every stage's run validates (it is derived again where it is used)
             self.stage_run(stage)
 
@@ -206,6 +246,13 @@ class PipelineConfig(config_tree.TreeConfig):
         with R1-Zero's rewards."""
         steps = self.reasoning_rl.steps + self.final_rl.steps
         return dataclasses.replace(self.stage_run("reasoning_rl"), steps=steps, rewards=self.r1_zero_rewards)
+
+    def r1_zero_long(self) -> GRPOConfig:
+        """The second R1-Zero baseline when the cold start comes from R1-Zero's samples: R1-Zero
+        given every RL step the pipeline takes (its R1-Zero stage's, then both RL stages'), so a
+        win of the pipeline is not just more RL."""
+        run = self.r1_zero()
+        return dataclasses.replace(run, steps=run.steps + self.reasoning_rl.steps + self.final_rl.steps)
 
     def scaled(self, scale: float) -> PipelineConfig:
         """Every stage's steps and sample counts (`scaled`): `--scale=0.05` checks the whole chain

@@ -1,4 +1,4 @@
-"""The pipeline's datasets as files of records (`moe_jax.data.records`): the cold-start set, the
+"""The pipeline's datasets as files of records (`moe_jax.data.records`): fresh problems, the
 non-reasoning examples mixed into the rejection-sampled data, and how a stage writes and reads
 them. Every record carries its task, its problem (for the verifier) and its source."""
 
@@ -14,7 +14,6 @@ import numpy as np
 from moe_jax.data.pipelines import problem_at
 from moe_jax.data.records import write_array_record, write_jsonl
 from moe_jax.data.tasks import Problem, Task
-from moe_jax.data.template import format_response
 from moe_jax.errors import InputError
 from moe_jax.train.workdir import write_text_atomically
 
@@ -83,15 +82,3 @@ def dataset_path(directory: str) -> str:
     """The file an SFT run reads from a stage's dataset folder (ArrayRecord when one was written)."""
     array_record = os.path.join(directory, ARRAY_RECORD_FILE)
     return array_record if os.path.exists(array_record) else os.path.join(directory, DATA_FILE)
-
-
-def cold_start_records(task: Task, problems: Sequence[Problem], retry_rate: float, template: str, *,
-                       seed: int) -> list[dict[str, Any]]:
-    """R1 §2.3.1's cold-start set: a readable, self-checking solution (`Task.readable_solution`)
-    of each problem, its draws from the stream `(seed, i)`."""
-    records = []
-    for i, problem in enumerate(problems):
-        thinking, answer = task.readable_solution(problem, np.random.default_rng([seed, i, 2]), retry_rate)
-        records.append(task_record(problem, task.prompt(problem, template), format_response(thinking, answer),
-                                   "cold_start"))
-    return records

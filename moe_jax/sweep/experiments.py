@@ -51,7 +51,7 @@ def _flag_names(script_path: str) -> frozenset[str]:
     return frozenset(re.findall(r"<name>([^<]+)</name>", listing.stdout))
 
 
-_PIPELINE_RL = ("reasoning_rl", "final_rl", "r1_zero")
+_PIPELINE_RL = ("reasoning_rl", "final_rl", "r1_zero", "r1_zero_long")  # r1_zero_long: a cold start from R1-Zero
 EXPERIMENTS: Mapping[str, Experiment] = {e.name: e for e in (
     Experiment("pretrain", "pretrain.py", ExperimentConfig, ("eval/ce", "eval/accuracy", "maxvio_mean")),
     Experiment("sft", "sft.py", ExperimentConfig, ("eval/ce", "eval/accuracy")),
@@ -62,7 +62,7 @@ EXPERIMENTS: Mapping[str, Experiment] = {e.name: e for e in (
     # accuracy reward and length (does the cold start speed it up; does the length grow?).
     Experiment("r1_pipeline", "r1_pipeline.py", PipelineConfig,
                (*(f"{stage}/eval/accuracy" for stage in _PIPELINE_RL),
-                *(f"{stage}/{m}" for m in ("rewards/accuracy/mean", MEAN_LENGTH) for stage in _PIPELINE_RL[::2])),
+                *(f"{stage}/{m}" for m in ("rewards/accuracy/mean", MEAN_LENGTH) for stage in ("reasoning_rl", "r1_zero"))),
                {f"{stage}/": stage for stage in ("base", "cold_start", "sft", *_PIPELINE_RL)}, graph=True),
     Experiment("distill", "distill.py", DistillConfig, ("student/eval/accuracy", "student/eval/ce"),
                {"student/": "student", "student_base/": "student_base"}, graph=True),

@@ -3,6 +3,7 @@ carries, and long multiplication by partial products."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -61,21 +62,37 @@ class Arithmetic(Task):
         a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
         return self._add(a, b, rng, slip, say) if op == "+" else self._multiply(a, b, rng, slip, say)
 
-    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float) -> tuple[str, str]:
-        """Column steps, then a check that recomputes the result the other way (a sum by
-        subtracting an operand back out, a product with its factors swapped): "check 46-34=12
-        ok"; a first attempt with a slip fails its check ("wrong, again") and is redone."""
+    readable_checks = ("inverse", "commuted")
+
+    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float,
+                          check: str = "inverse") -> tuple[str, str]:
+        """Column steps, then a check that recomputes the result another way: `check="inverse"`
+        undoes it ("check 46-34=12 ok": a sum minus an operand, a product with its factors
+        swapped), a skill the base corpus never shows; `"commuted"` works the same operation again
+        with the operands swapped, step by step ("check", "2+4=6, write 6", …, "so 12+34=46",
+        "ok"), the one skill the base already has. A first attempt with a slip (at
+        `retry_rate`) fails its check ("wrong, again") and is redone."""
+        if check not in self.readable_checks:
+            raise ValueError(f"unknown check {check!r}; arithmetic checks by {self.readable_checks}")
         a, b, op = problem.data["a"], problem.data["b"], problem.data["op"]
         say, lines = self.phrasebook(problem, rng, readable=True), []
         for slip in ([True] if rng.random() < retry_rate else []) + [False]:
             thinking, answer = self._attempt(problem, rng, slip, say)
             result = int(answer)
-            recomputed = f"{result}-{b}={result - b}" if op == "+" else f"{b}*{a}={a * b}"
-            right = result - b == a if op == "+" else a * b == result
-            lines += [thinking, f"{say('check')} {recomputed} " + (say("ok") if right else f"{say('wrong')}, {say('again')}")]
+            right = result == (a + b if op == "+" else a * b)
+            verdict = say("ok") if right else f"{say('wrong')}, {say('again')}"
+            if check == "inverse":
+                recomputed = f"{result}-{b}={result - b}" if op == "+" else f"{b}*{a}={a * b}"
+                lines += [thinking, f"{say('check')} {recomputed} {verdict}"]
+            else:  # the other order, by the same method, without a slip
+                swapped = dataclasses.replace(problem, data={**problem.data, "a": b, "b": a})
+                lines += [thinking, say("check"), self._attempt(swapped, rng, False, say)[0], verdict]
             if right:
                 return "\n".join(lines), answer
         raise AssertionError("an attempt without a slip is always right")
+
+    def summary(self, problem: Problem, answer: str) -> str:
+        return f"{problem.data['a']}{problem.data['op']}{problem.data['b']}={answer}"
 
     def _add(self, a: int, b: int, rng: np.random.Generator, slip: bool, say: Phrasebook) -> tuple[str, str]:
         """Column addition from the units; a slip writes one column's digit wrong, or (slip kind

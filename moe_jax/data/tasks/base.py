@@ -74,11 +74,21 @@ class Task(abc.ABC):
     def check_answer(self, problem: Problem, answer: str) -> bool:
         """Whether an answer string (the text inside `<answer>`) is correct."""
 
-    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float) -> tuple[str, str]:
+    # How a readable solution may check its result (`readable_solution`'s `check`), the first the default.
+    readable_checks: tuple[str, ...] = ()
+
+    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float,
+                          check: str = "inverse") -> tuple[str, str]:
         """(thinking, answer) of R1's cold-start data (§2.3.1): the steps, a check of the result
-        that recomputes it, and a summary; with probability `retry_rate` a first attempt slips,
-        the check catches it and the solution starts again. Always correct in the end."""
+        that recomputes it (by the task's method `check`, one of `readable_checks`), and a
+        summary; with probability `retry_rate` a first attempt slips, the check catches it and the
+        solution starts again. Always correct in the end."""
         raise NotImplementedError(f"task {self.name!r} has no readable (cold-start) solutions")
+
+    def summary(self, problem: Problem, answer: str) -> str:
+        """The closing line of a readable solution, after its language's "so": what the answer
+        does (`34+12=46`; countdown: `(3+5)*2=16`)."""
+        return answer
 
     def completion(self, problem: Problem, rng: np.random.Generator, error_rate: float = 0.0) -> str:
         """The full response `<think>…</think><answer>…</answer>` for SFT/pretraining text."""

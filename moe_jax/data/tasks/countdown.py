@@ -86,9 +86,15 @@ class Countdown(Task):
         so = "" if self.languages == ("en",) else f"{self.phrasebook(problem, rng)('so')} "
         return "\n".join(self._steps(expression) + [f"{so}{expression}={value}"]), expression
 
-    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float) -> tuple[str, str]:
+    readable_checks = ("inverse",)
+
+    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float,
+                          check: str = "inverse") -> tuple[str, str]:
         """Try a candidate, work it out step by step, test it against the target: "try (3+5)*2",
-        ..., "16 no, again" for a wrong one (a swapped operator), "16 ok" for the right one."""
+        ..., "16 no, again" for a wrong one (a swapped operator), "16 ok" for the right one (the
+        one check countdown has: evaluating the candidate is the base's own skill)."""
+        if check not in self.readable_checks:
+            raise ValueError(f"unknown check {check!r}; countdown checks by {self.readable_checks}")
         say, target, lines = self.phrasebook(problem, rng, readable=True), problem.data["target"], []
         candidates = [problem.answer]
         if rng.random() < retry_rate:
@@ -98,6 +104,9 @@ class Countdown(Task):
             verdict = say("ok") if value == target else f"{say('no')}, {say('again')}"
             lines += [f"{say('try')} {expression}", *self._steps(expression), f"{expression}={value} {verdict}"]
         return "\n".join(lines), problem.answer
+
+    def summary(self, problem: Problem, answer: str) -> str:
+        return f"{answer}={problem.data['target']}"
 
     @staticmethod
     def _slipped(expression: str, target: int, rng: np.random.Generator) -> str:

@@ -37,8 +37,12 @@ class Mixture(Task):
     def solve(self, problem: Problem, rng: np.random.Generator, error_rate: float) -> tuple[str, str]:
         return self._of(problem).solve(problem, rng, error_rate)
 
-    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float) -> tuple[str, str]:
-        return self._of(problem).readable_solution(problem, rng, retry_rate)
+    def readable_solution(self, problem: Problem, rng: np.random.Generator, retry_rate: float,
+                          check: str = "inverse") -> tuple[str, str]:
+        return self._of(problem).readable_solution(problem, rng, retry_rate, check)
+
+    def summary(self, problem: Problem, answer: str) -> str:
+        return self._of(problem).summary(problem, answer)
 
     def completion(self, problem: Problem, rng: np.random.Generator, error_rate: float = 0.0) -> str:
         return self._of(problem).completion(problem, rng, error_rate)
