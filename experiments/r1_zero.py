@@ -34,6 +34,8 @@ define_flags("r1-zero-arithmetic", prefix="r1-zero-")
 flags.DEFINE_integer("base_steps", None, "pretraining steps of the base model (default: the recipe's)")
 flags.DEFINE_float("base_error_rate", None, "share of flawed traces in the base model's corpus "
                    "(default: the recipe's)")
+flags.DEFINE_bool("base_only", False, "pretrain the base model and stop (RL runs elsewhere can start from it: "
+                  "experiments/grpo.py --init_from=DIR/base)")
 FLAGS = flags.FLAGS
 
 
@@ -52,7 +54,8 @@ def main(argv: list[str]) -> None:
     base = r1_zero_base_config(rl, FLAGS.base_steps or recipe.base_steps,
                                recipe.base_error_rate if FLAGS.base_error_rate is None else FLAGS.base_error_rate)
     with user_errors_in_one_line(), command_workdir(FLAGS.workdir):
-        for name, cfg, init_from in (("base", base, None), ("grpo", rl, base_dir)):
+        stages = (("base", base, None), ("grpo", rl, base_dir))
+        for name, cfg, init_from in stages[:1] if FLAGS.base_only else stages:
             result = run_and_report(runs.run, cfg, os.path.join(FLAGS.workdir, name), mesh_spec=FLAGS.mesh,
                                     init_from=init_from, allow_config_change=FLAGS.allow_config_change)
             if result["status"] != "finished":  # preempted: nothing may start from a half-trained model

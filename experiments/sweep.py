@@ -98,7 +98,8 @@ def sweep_from_flags() -> Sweep:
     return Sweep(experiment, (*(base.base if base else ()), *_EXPERIMENT_FLAGS),
                  (*(base.axes if base else ()), *axes), {**(base.variants if base else {}),
                                                           **dict(map(parse_variant, FLAGS.variant))},
-                 seeds, FLAGS.baseline or (base.baseline if base else None))
+                 seeds, FLAGS.baseline or (base.baseline if base else None), base.claims if base else (),
+                 base.shared if base else {}, base.metrics if base else ())
 
 
 def _stop(signum: int, frame) -> None:

@@ -7,7 +7,7 @@ from flax import nnx
 from moe_jax.configs import get_preset
 from moe_jax.models import Transformer
 from moe_jax.models.moe import RouterBias
-from moe_jax.train.losses import count_targets, mtp_loss, next_token_loss
+from moe_jax.train.losses import count_targets, mtp_acceptance, mtp_loss, next_token_loss
 from moe_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 2, 0], [0, 0, 3, 3, 3, 3, 3, 3]])
@@ -89,3 +89,25 @@ def test_a_grpo_schedule_counts_updates_not_steps():
     assert float(schedule(39)) == pytest.approx(1e-4, rel=3e-2)  # the floor at the last update
     plain = override(cfg, {"loss.num_iterations": 1, "loss.minibatches": 1})
     assert float(run_schedule(plain)(2)) == pytest.approx(1e-3)  # one update a step: steps as before
+
+
+def test_mtp_acceptance_counts_drafts_equal_to_the_main_models_next_choice():
+    """A loop over positions: the depth-1 draft at i (for token i + 2) against the main model's
+    argmax at i + 1, where token i + 2 is a target of the same document."""
+    rng = np.random.default_rng(0)
+    B, T, V = 2, 9, 5
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    mtp = rng.normal(size=(1, B, T, V)).astype(np.float32)
+    mtp[0, :, :-2] += 3.0 * np.eye(V)[logits[:, 1:-1].argmax(-1)] * (rng.random((B, T - 2, 1)) < 0.5)
+    segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    loss_mask = np.ones((B, T), np.int32)
+    loss_mask[1, 3] = 0
+    accepted = total = 0
+    for b in range(B):
+        for i in range(T - 2):
+            if segments[b, i] == segments[b, i + 2] != 0 and loss_mask[b, i + 2]:
+                total += 1
+                accepted += int(mtp[0, b, i].argmax() == logits[b, i + 1].argmax())
+    assert 0 < accepted < total
+    got = mtp_acceptance(jnp.asarray(mtp), jnp.asarray(logits), jnp.asarray(segments), jnp.asarray(loss_mask))
+    assert float(got) == pytest.approx(accepted / total, abs=1e-7)

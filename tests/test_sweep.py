@@ -195,3 +195,24 @@ def test_slurm_runs_the_points_through_submitit(tmp_path):
     assert "as one SLURM job array" in out.getvalue() and "done     points/model.top_k=2,seed=0  job" in out.getvalue()
     assert os.path.isdir(os.path.join(workdir, "slurm"))
     assert all(os.path.exists(os.path.join(d, "DONE")) for d in outcome.point_dirs.values())
+
+
+@pytest.mark.slow  # 3 runs as processes, ~1 min; the spec test checks the flags and keys without running
+def test_points_start_from_their_seeds_shared_run_made_once(tmp_path):
+    """A base model per seed, made once before the points (`Sweep.shared`); each point starts from
+    its seed's (`--init_from={shared:base}`); a rerun makes nothing again."""
+    sweep = Sweep("pretrain", base=(*TINY, "--init_from={shared:base}"),
+                  axes=(Axis.parse("optimizer.learning_rate=1e-3,3e-3"),), seeds=(0,), shared={"base": ("pretrain", TINY)})
+    out = io.StringIO()
+    outcome = run_sweep(sweep, str(tmp_path), parallel=2, out=out)
+    assert not outcome.failures, out.getvalue()
+    shared = tmp_path / "shared" / "base,seed=0"
+    assert _json(shared / "DONE")["step"] == 4
+    for name in ("optimizer.learning_rate=1e-3,seed=0", "optimizer.learning_rate=3e-3,seed=0"):
+        assert f"--init_from={shared} " in _text(tmp_path / "points" / name / "command")
+        assert f"initialised the model from {shared}" in _text(tmp_path / "points" / name / "output.log")
+    before = _files(str(tmp_path / "shared")) | _files(str(tmp_path / "points"))
+    again = io.StringIO()
+    assert not run_sweep(sweep, str(tmp_path), parallel=2, out=again).failures
+    assert again.getvalue().count("every point finished before") == 2
+    assert _files(str(tmp_path / "shared")) | _files(str(tmp_path / "points")) == before

@@ -58,3 +58,33 @@ def test_which_way_is_better():
     assert lower_is_better("eval/ce/final") and lower_is_better("maxvio_mean/final")
     assert lower_is_better("final_rl/language_mixed") and lower_is_better("wall_s") and lower_is_better("tokens")
     assert not lower_is_better("eval/accuracy/final") and not lower_is_better("final_rl/pass@4")
+
+
+def test_claims_are_judged_by_the_interval_of_the_paired_difference():
+    """Hand-made rows: a claim that holds, one whose opposite holds, one inside the noise, one
+    comparing two columns of a configuration, each judged once per value of the other axis."""
+    from moe_jax.stats import paired_difference
+    from moe_jax.sweep.aggregate import Table, markdown
+    from moe_jax.sweep.claims import Claim
+
+    values = {("bias", "8"): [0.10, 0.12, 0.11], ("aux", "8"): [0.70, 0.75, 0.72],
+              ("bias", "32"): [0.50, 0.30, 0.70], ("aux", "32"): [0.45, 0.55, 0.40]}
+    rows = [{"variant": v, "experts": e, "seed": str(s), "status": "done", "maxvio": m, "ce": 1.0 + s, "r1": 0.5,
+             "zero": 0.6 + 0.01 * s}
+            for (v, e), ms in values.items() for s, m in enumerate(ms)]
+    claims = (Claim("bias balances better", "maxvio", "bias", "aux", expect="lower"),
+              Claim("aux balances better", "maxvio", "variant=aux,experts=8", "variant=bias,experts=8",
+                    expect="lower"),
+              Claim("R1 beats R1-Zero", "r1", "bias", b_metric="zero", expect="higher"))
+    text = markdown(Table(["variant", "experts"], rows, [], {}, claims=claims), "t")
+    section = text.split("## The claims")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and "claim" not in line]
+    assert len(lines) == 2 + 1 + 2  # the first and last claims once per experts value
+    difference, p = paired_difference(values[("bias", "8")], values[("aux", "8")])
+    assert lines[0].startswith("| bias balances better (expected lower) | variant=bias, experts=8: maxvio | "
+                               "variant=aux, experts=8: maxvio |")
+    assert f"| [{difference.low:.4f}, {difference.high:.4f}] | {p:.4f} | **reproduced** |" in lines[0]
+    assert lines[1].endswith("**inside the noise (the interval of the difference holds 0)** |")  # 32 experts
+    assert lines[2].endswith("**did not reproduce: the opposite holds** |")
+    assert "variant=bias, experts=8: r1 | variant=bias, experts=8: zero" in lines[3]
+    assert lines[3].endswith("**did not reproduce: the opposite holds** |")

@@ -73,3 +73,32 @@ def test_paired_difference_is_the_paired_t_test():
     t = 1.0 / (0.5 / 3 ** 0.5)
     assert p == pytest.approx(1 - t / (2 + t * t) ** 0.5, abs=1e-12)  # two-sided p of T with 2 degrees of freedom
     assert paired_difference([1.0], [0.0])[1] != paired_difference([1.0], [0.0])[1]  # NaN: one pair
+
+
+def test_shared_runs_claims_and_metrics_in_a_sweep_file(tmp_path):
+    from moe_jax.pipeline.executor import step_key
+    from moe_jax.sweep.claims import Claim
+    from moe_jax.sweep.run import commands, point_steps, shared_steps
+
+    sweep = Sweep("grpo", base=("--init_from={shared:base}/base",), axes=(Axis.parse("loss.beta=0,0.1"),),
+                  seeds=(0, 4), shared={"base": ("r1_zero", ("--base_only", "--config.steps=3"))},
+                  claims=(Claim("beta helps", "eval/accuracy/final", "loss.beta=0.1", "loss.beta=0"),),
+                  metrics=("reward",))
+    sweep.validate()
+    assert [p.flags[0] for p in sweep.points()] == ["--init_from={sweep}/shared/base,seed=0/base",
+                                                    "--init_from={sweep}/shared/base,seed=4/base"] * 2
+    assert [p.name for _, p in sweep.shared_points()] == ["base,seed=0", "base,seed=4"]
+    (tmp_path / "s.json").write_text(json.dumps(sweep.to_json()))
+    assert load_sweep(str(tmp_path / "s.json")) == sweep
+    printed = commands(sweep, str(tmp_path / "w"))
+    assert f"--workdir={tmp_path}/w/shared/base,seed=0" in printed[0] and "--config.seed=0" in printed[0]
+    assert f"--init_from={tmp_path}/w/shared/base,seed=4/base" in printed[3]  # {sweep} filled in when run
+    # a point reads its seed's shared run: the run's key is in the point's, so changing it redoes the points
+    keys = [step_key(s.config, []) for s in point_steps(sweep)]
+    assert point_steps(sweep)[0].config.reads == (step_key(shared_steps(sweep)[0].config, []),)
+    changed = Sweep("grpo", sweep.base, sweep.axes, seeds=sweep.seeds, shared={"base": ("r1_zero", ("--base_only",))})
+    assert all(a != b for a, b in zip(keys, [step_key(s.config, []) for s in point_steps(changed)]))
+    with pytest.raises(InputError, match=r"name shared run\(s\) \['basis'\]; the shared runs are \['base'\]"):
+        Sweep("grpo", base=("--init_from={shared:basis}",), shared=sweep.shared).validate()
+    with pytest.raises(InputError, match=r"r1_zero.py has no flag\(s\) \['base_onyl'\]"):
+        Sweep("grpo", shared={"base": ("r1_zero", ("--base_onyl",))}).validate()

@@ -27,6 +27,8 @@ from moe_jax.pipeline.executor import step_seconds
 from moe_jax.pipeline.r1 import PIPELINE_CONFIG_FILE
 from moe_jax.pipeline.report import RESULTS_CSV, RESULTS_MD, run_tokens
 from moe_jax.stats import Summary, paired_difference, summarize
+from moe_jax.sweep import claims
+from moe_jax.sweep.claims import Claim
 from moe_jax.sweep.experiments import EXPERIMENTS, Experiment
 from moe_jax.sweep.plots import plot_curves, plot_finals
 from moe_jax.sweep.spec import POINTS_DIR, SEED, SWEEP_FILE, Sweep
@@ -50,6 +52,7 @@ class Table:
     metrics: list[str]
     curves: dict[str, dict[str, dict[int, float]]]
     baseline: dict[str, str] | None = None
+    claims: tuple[Claim, ...] = ()
 
     def configurations(self) -> dict[tuple[tuple[str, str], ...], list[dict[str, Any]]]:
         """Finished rows by configuration (the axis values), in the rows' order."""
@@ -146,13 +149,13 @@ def point_row(point_dir: str, experiment: Experiment, metrics: Sequence[str], *,
 def collect_sweep(workdir: str, metrics: Sequence[str] = (), failed: Sequence[str] = ()) -> Table:
     """The rows of the sweep in `workdir` (its `sweep.json`), in the sweep's order."""
     sweep = Sweep.from_json(workdir_format.read_json(os.path.join(workdir, SWEEP_FILE)))
-    metrics = list(metrics or sweep.spec.metrics)
+    metrics = list(metrics or sweep.metrics or sweep.spec.metrics)
     rows, curves = [], {}
     for point in sweep.points():
         row, curves[point.name] = point_row(os.path.join(workdir, POINTS_DIR, point.name), sweep.spec, metrics,
                                             failed=point.name in failed)
         rows.append({"point": point.name, **point.values, **row})
-    return Table(sweep.axis_paths(), rows, metrics, curves, sweep.baseline_values())
+    return Table(sweep.axis_paths(), rows, metrics, curves, sweep.baseline_values(), sweep.claims)
 
 
 def collect_runs(run_dirs: Sequence[str], metrics: Sequence[str] = ()) -> Table:
@@ -244,7 +247,8 @@ def markdown(table: Table, title: str) -> str:
     statuses = {s: sum(r["status"] == s for r in table.rows) for s in dict.fromkeys(r["status"] for r in table.rows)}
     lines = [f"# {title}", "", f"{len(table.rows)} points: " + ", ".join(f"{n} {s}" for s, n in statuses.items())
              + ". Means over the finished seeds of each configuration; the interval is the 95% Student-t interval "
-             "of the mean; ★ marks the best configuration by mean.", "", *_overview(table, groups), ""]
+             "of the mean; ★ marks the best configuration by mean.", "", *_overview(table, groups), "",
+             *_claims(table, groups)]
     for column in columns:
         summaries = {c: summarize(list(_per_seed(rows, column).values())) for c, rows in groups.items()}
         summaries = {c: s for c, s in summaries.items() if s.n}
@@ -285,6 +289,27 @@ def _overview(table: Table, groups: Mapping[tuple, Sequence[Mapping[str, Any]]])
             cells.append(f"{_fmt(s.mean)} ± {_fmt(s.std, s.mean)} ({s.n})" if s.n else "")
         lines.append(f"| {_label(configuration)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _claims(table: Table, groups: Mapping[tuple, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The sweep's claims, each judged per pair of configurations it compares (`claims.pairs`)."""
+    if not table.claims:
+        return []
+    lines = ["## The claims", "", "| claim | a | b | Δ = a − b (paired by seed) | 95% CI of Δ | p | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for claim in table.claims:
+        found = claims.pairs(claim, list(groups))
+        if not found:
+            lines.append(f"| {claim.says} | {claim.a} | {claim.b} | | | | no finished configuration to compare |")
+        for a, b in found:
+            b_metric = claim.b_metric or claim.metric
+            difference, p, verdict = claims.judge(claim, _per_seed(groups[a], claim.metric),
+                                                  _per_seed(groups[b], b_metric))
+            lines.append(f"| {claim.says} (expected {claim.expect}) | {_label(a)}: {claim.metric} | {_label(b)}: "
+                         f"{b_metric} | {_fmt(difference.mean)} ± {_fmt(difference.std, difference.mean)} "
+                         f"(n={difference.n}) | [{_fmt(difference.low, difference.mean)}, "
+                         f"{_fmt(difference.high, difference.mean)}] | {_fmt(p)} | **{verdict}** |")
+    return [*lines, ""]
 
 
 def _baseline(groups: Mapping[tuple, Any], baseline: Mapping[str, str] | None) -> tuple | None:

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from moe_jax.experiment_main import EXIT_LOCKED
 from moe_jax.pipeline.executor import Pending, read_step
 from moe_jax.sweep.experiments import get_experiment
+from moe_jax.sweep.spec import SWEEP_DIR
 from moe_jax.sweep.view import SweepView
 from moe_jax.train import config_tree
 from moe_jax.train.lock import holder
@@ -45,10 +46,14 @@ class PointConfig:
     experiment: str
     flags: tuple[str, ...]
     cadence: tuple[str, ...] = config_tree.not_identity((), why="flags of fields outside the run's identity")
+    reads: tuple[str, ...] = ()  # the keys of the shared runs its flags name (`{sweep}/shared/…`)
 
     def argv(self, workdir: str) -> list[str]:
+        """The command, `{sweep}` in a flag standing for the sweep's folder (a point's or shared
+        run's workdir is two levels below it)."""
+        sweep_dir = os.path.dirname(os.path.dirname(os.path.abspath(workdir)))
         return [sys.executable, get_experiment(self.experiment).script_path, f"--workdir={os.path.abspath(workdir)}",
-                *self.flags, *self.cadence]
+                *(flag.replace(SWEEP_DIR, sweep_dir) for flag in (*self.flags, *self.cadence))]
 
 
 class PointFailed(RuntimeError):

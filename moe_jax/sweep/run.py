@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from moe_jax.config_flags import CONFIG_PREFIX
-from moe_jax.pipeline.executor import Pending, Step, run_independent
+from moe_jax.pipeline.executor import Pending, Step, run_independent, step_key
+from moe_jax.sweep.experiments import get_experiment
 from moe_jax.sweep.launch import PointConfig, core_shares, run_local
 from moe_jax.sweep.slurm import SlurmOptions, run_slurm
-from moe_jax.sweep.spec import POINTS_DIR, SWEEP_FILE, Point, Sweep
+from moe_jax.sweep.spec import POINTS_DIR, SHARED_DIR, SWEEP_DIR, SWEEP_FILE, Point, Sweep
 from moe_jax.sweep.view import SweepView
 from moe_jax.train import config_tree
 from moe_jax.train.workdir import require_directory, write_text_atomically
@@ -46,25 +47,38 @@ def default_parallel() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def point_config(sweep: Sweep, point: Point) -> PointConfig:
-    cadence = config_tree.not_identity_fields(sweep.spec.config_class)
+def point_config(experiment: str, point: Point, reads: Sequence[str] = ()) -> PointConfig:
+    cadence = config_tree.not_identity_fields(get_experiment(experiment).config_class)
     is_cadence = [flag.lstrip("-").split("=", 1)[0].removeprefix(CONFIG_PREFIX) in cadence for flag in point.flags]
-    return PointConfig(sweep.experiment, tuple(f for f, c in zip(point.flags, is_cadence) if not c),
-                       tuple(f for f, c in zip(point.flags, is_cadence) if c))
+    return PointConfig(experiment, tuple(f for f, c in zip(point.flags, is_cadence) if not c),
+                       tuple(f for f, c in zip(point.flags, is_cadence) if c), tuple(reads))
+
+
+def _elsewhere(step_dir: str, inputs: Mapping[str, str]) -> None:
+    raise RuntimeError(f"{step_dir}: a sweep's point runs as its own process, through a launcher")
+
+
+def shared_steps(sweep: Sweep) -> list[Step]:
+    """A step per shared run and seed (`Sweep.shared`), in `DIR/shared/`."""
+    return [Step(f"{SHARED_DIR}/{p.name}", _elsewhere, point_config(experiment, p))
+            for experiment, p in sweep.shared_points()]
 
 
 def point_steps(sweep: Sweep) -> list[Step]:
-    """A step per point (computed by the launcher, not in this process)."""
-
-    def elsewhere(step_dir: str, inputs: Mapping[str, str]) -> None:
-        raise RuntimeError(f"{step_dir}: a sweep's point runs as its own process, through a launcher")
-
-    return [Step(f"{POINTS_DIR}/{p.name}", elsewhere, point_config(sweep, p)) for p in sweep.points()]
+    """A step per point (computed by the launcher, not in this process); a point that names a
+    shared run has that run's key in its own, so a changed shared run redoes its points."""
+    shared = {f"{SWEEP_DIR}/{step.name}": step_key(step.config, []) for step in shared_steps(sweep)}
+    steps = []
+    for p in sweep.points():
+        reads = [key for folder, key in shared.items() if any(folder in flag for flag in p.flags)]
+        steps.append(Step(f"{POINTS_DIR}/{p.name}", _elsewhere, point_config(sweep.experiment, p, reads)))
+    return steps
 
 
 def commands(sweep: Sweep, workdir: str) -> list[str]:
-    """Every point's command, as `--launcher=print` prints them."""
-    return [shlex.join(point_config(sweep, p).argv(os.path.join(workdir, POINTS_DIR, p.name))) for p in sweep.points()]
+    """Every shared run's and point's command, in order, as `--launcher=print` prints them."""
+    return [shlex.join(step.config.argv(os.path.join(workdir, step.name)))
+            for step in (*shared_steps(sweep), *point_steps(sweep))]
 
 
 def run_sweep(sweep: Sweep, workdir: str, *, launcher: str = "local", parallel: int | None = None,
@@ -80,9 +94,21 @@ def run_sweep(sweep: Sweep, workdir: str, *, launcher: str = "local", parallel: 
     require_directory(workdir)
     os.makedirs(workdir, exist_ok=True)
     write_text_atomically(os.path.join(workdir, SWEEP_FILE), json.dumps(sweep.to_json(), indent=2) + "\n")
-    steps = point_steps(sweep)
-    view = SweepView([step.name for step in steps], out)
     parallel = parallel or default_parallel()
+    errors: dict[str, BaseException] = {}
+    steps = point_steps(sweep)
+    for phase in (shared_steps(sweep), steps):  # the shared runs first: the points read them
+        if phase and not errors:
+            errors = _run_phase(phase, workdir, launcher, parallel, slurm, out)
+    out.flush()
+    return SweepOutcome({step.name.removeprefix(POINTS_DIR + "/"): os.path.join(workdir, step.name) for step in steps},
+                        {name.removeprefix(POINTS_DIR + "/"): error for name, error in errors.items()})
+
+
+def _run_phase(steps: Sequence[Step], workdir: str, launcher: str, parallel: int, slurm: SlurmOptions | None,
+               out: TextIO) -> dict[str, BaseException]:
+    """Run (or resume, or skip) `steps`, independent of each other; returns their failures."""
+    view = SweepView([step.name for step in steps], out)
 
     def launch(todo: Sequence[Pending]) -> Mapping[str, float | BaseException | None]:
         started = {pending.step.name for pending in todo}
@@ -101,9 +127,7 @@ def run_sweep(sweep: Sweep, workdir: str, *, launcher: str = "local", parallel: 
     out.writelines(f"FAILED {name}: {error}\n" for name, error in errors.items())
     if errors:
         out.write(view.summary() + "\n")
-    out.flush()
-    return SweepOutcome({step.name.removeprefix(POINTS_DIR + "/"): os.path.join(workdir, step.name) for step in steps},
-                        {name.removeprefix(POINTS_DIR + "/"): error for name, error in errors.items()})
+    return errors
 
 
 def _cores(parallel: int) -> str:

@@ -10,7 +10,10 @@ more axis of the product. Every point is the experiment's own command with its o
 (`DIR/points/<name>`), so it can be rerun by hand.
 
 A sweep file is JSON (`{"experiment", "base", "axes": [{path: [values]}, ...], "variants",
-"seeds", "baseline"}`) or Python whose `sweep()` (or `SWEEP`) is a `Sweep`.
+"seeds", "baseline", "claims", "shared", "metrics"}`) or Python whose `sweep()` (or `SWEEP`) is a
+`Sweep`. A study (`experiments/studies/`) is a sweep file that also states its paper's claims
+(`moe_jax.sweep.claims`), judged in its `results.md`, and may share runs among its points: a
+`shared` run is made once per seed before the points, which name its folder `{shared:<name>}`.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ from typing import Any
 
 from moe_jax.config_flags import CONFIG_PREFIX, override_fields, valid_fields
 from moe_jax.errors import InputError
+from moe_jax.sweep.claims import Claim
 from moe_jax.sweep.experiments import Experiment, get_experiment
 
 POINTS_DIR = "points"  # DIR/points/<name>: a point's workdir
+SHARED_DIR = "shared"  # DIR/shared/<name>,seed=<s>: a run the points of a seed read (e.g. their base model)
+SWEEP_DIR = "{sweep}"  # in a flag: the sweep's folder (filled in when the command runs)
+_SHARED = re.compile(r"\{shared:([A-Za-z0-9_.+-]+)\}")  # in a flag: that shared run's folder, the point's seed
 SWEEP_FILE = "sweep.json"  # DIR/sweep.json: the sweep as data, what aggregation reads back
 SEED = "seed"
 VARIANT = "variant"
@@ -95,6 +102,11 @@ class Sweep:
     variants: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
     baseline: str | None = None
+    claims: tuple[Claim, ...] = ()  # what a paper says the results show (`moe_jax.sweep.claims`)
+    # name -> (experiment, flags): runs made once per seed before the points, which name them in a
+    # flag as `{shared:name}` (`--init_from={shared:base}/base`), so N configurations share one base
+    shared: Mapping[str, tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
+    metrics: tuple[str, ...] = ()  # the curves and columns its table leads with (default: the experiment's)
 
     @property
     def spec(self) -> Experiment:
@@ -117,6 +129,12 @@ class Sweep:
             raise InputError(f"sweep: {twice} set by more than one axis (the seed is --seeds, not an axis)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise InputError(f"sweep: seeds must be distinct and at least one, got {list(self.seeds)}")
+        named = {m for flags in (self.base, *self.variants.values()) for f in flags for m in _SHARED.findall(f)}
+        if named - set(self.shared):
+            raise InputError(f"sweep: flags name shared run(s) {sorted(named - set(self.shared))}; the shared runs are "
+                             f"{sorted(self.shared) or 'none'}")
+        for experiment, flags in self.shared.values():
+            Sweep(experiment, flags).validate()
         if self.baseline is not None and self.baseline_values() is None:
             raise InputError(f"sweep: --baseline={self.baseline} is neither a variant ({', '.join(self.variants)}) "
                              f"nor path=value of an axis ({', '.join(self.axis_paths())})")
@@ -181,24 +199,40 @@ class Sweep:
                     flags.append(f"--{CONFIG_PREFIX}{path}={value}")
             values[SEED] = str(seed)
             flags.append(f"--{CONFIG_PREFIX}seed={seed}")
-            points.append(Point(_point_name(values), values, tuple(flags)))
+            points.append(Point(_point_name(values), values, tuple(_SHARED.sub(
+                lambda m, seed=seed: shared_dir(m[1], seed), flag) for flag in flags)))
         return points
+
+    def shared_points(self) -> list[tuple[str, Point]]:
+        """(experiment, point) of every shared run: each, for each seed, in `DIR/shared/`."""
+        return [(experiment, Point(f"{name},{SEED}={seed}", {SEED: str(seed)},
+                                   (*flags, f"--{CONFIG_PREFIX}seed={seed}")))
+                for name, (experiment, flags) in self.shared.items() for seed in self.seeds]
 
     def to_json(self) -> dict[str, Any]:
         return {"experiment": self.experiment, "base": list(self.base),
                 "axes": [{p: [v[i] for v in axis.values] for i, p in enumerate(axis.paths)} for axis in self.axes],
                 "variants": {k: list(v) for k, v in self.variants.items()}, "seeds": list(self.seeds),
-                "baseline": self.baseline}
+                "baseline": self.baseline, "claims": [c.to_json() for c in self.claims],
+                "shared": {name: {"experiment": e, "flags": list(f)} for name, (e, f) in self.shared.items()},
+                "metrics": list(self.metrics)}
 
     @classmethod
     def from_json(cls, tree: Mapping[str, Any]) -> Sweep:
-        known = {"experiment", "base", "axes", "variants", "seeds", "baseline"}
+        known = {"experiment", "base", "axes", "variants", "seeds", "baseline", "claims", "shared", "metrics"}
         unknown = sorted(set(tree) - known)
         if unknown or "experiment" not in tree:
             raise InputError(f"sweep file: unknown key(s) {unknown} or no 'experiment'; the keys are {sorted(known)}")
         return cls(tree["experiment"], tuple(tree.get("base", ())), tuple(Axis.of(a) for a in tree.get("axes", ())),
                    {k: tuple(v) for k, v in tree.get("variants", {}).items()}, tuple(map(int, tree.get("seeds", (0,)))),
-                   tree.get("baseline"))
+                   tree.get("baseline"), tuple(Claim.from_json(c) for c in tree.get("claims", ())),
+                   {name: (run["experiment"], tuple(run.get("flags", ()))) for name, run in tree.get("shared", {}).items()},
+                   tuple(tree.get("metrics", ())))
+
+
+def shared_dir(name: str, seed: int) -> str:
+    """A shared run's folder as a flag names it (`{sweep}` filled in when the command runs)."""
+    return f"{SWEEP_DIR}/{SHARED_DIR}/{name},{SEED}={seed}"
 
 
 def _script_flags(known: frozenset[str]) -> set[str]:

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from moe_jax.models import Transformer
 from moe_jax.parallel.mesh import BATCH_AXES
 from moe_jax.parallel.rules import Rules, state_shardings, use_mesh
-from moe_jax.train.losses import count_targets, mtp_loss, next_token_loss
+from moe_jax.train.losses import count_targets, mtp_acceptance, mtp_loss, next_token_loss
 
 Batch = dict[str, Any]
 # `(model, batch) -> (loss, aux)`: the microbatch's share of the step's loss, and its metrics
@@ -60,6 +60,8 @@ def lm_loss(model: Transformer, batch: Batch) -> tuple[jax.Array, dict[str, jax.
                        normalizers[1:], weight_BxT)
         loss = loss + cfg.mtp_loss_weight * mtp
         metrics["mtp_loss"] = mtp
+        metrics["mtp_acceptance"] = jax.lax.stop_gradient(mtp_acceptance(
+            aux["mtp_logits"], logits, batch["segment_ids"], batch["loss_mask"])) / microbatches
     if "router" in aux:
         metrics["maxvio"] = aux["router"]["max_vio"] / microbatches
         metrics["drop_frac"] = aux["router"]["dropped_fraction"] / microbatches
