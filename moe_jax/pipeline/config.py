@@ -80,14 +80,12 @@ class ColdStartData:
     def __post_init__(self) -> None:
         if self.source not in COLD_START_SOURCES:
             raise config_error(self, "source", f"unknown {self.source!r}", f"use one of {COLD_START_SOURCES}")
-        check_positive(self, "examples", "min_tokens", "max_tokens", "prompts_per_batch", "max_rounds")
+        check_positive(self, "examples", "max_rounds")
         check_number(self, "retry_rate", low=0, high=1, fix="use e.g. 0.3")
-        if self.min_tokens > self.max_tokens:
-            raise config_error(self, "min_tokens", f"{self.min_tokens} > max_tokens={self.max_tokens}",
-                               "give min_tokens <= max_tokens")
-        if self.sampling.temperature <= 0:
-            raise config_error(self, "sampling.temperature", "must be > 0: the r1_zero source keeps one of k "
-                               "different samples", "use e.g. 1.0")
+        try:  # the sampling fields are rejection sampling's, checked by its config
+            self.rejection(1)
+        except InputError as e:
+            raise InputError(f"ColdStartData (its fields of the same names): {e}") from None
 
     def rejection(self, prompts: int) -> RejectionConfig:
         """The filters and sampler settings of the r1_zero source, for `prompts` prompts."""

@@ -61,10 +61,10 @@ class R1Pipeline:
                 else train_step("base", run_of["base"], mesh_spec=mesh))
         r1_zero = train_step("r1_zero", run_of["r1_zero"], inputs=("base",), init_from=self.base_source,
                              mesh_spec=mesh)
-        from_r1_zero = cfg.cold_start_data.source == "r1_zero"
+        from_r1_zero = cfg.cold_start_data.source == "r1_zero"  # then R1-Zero runs first: the cold start reads it
         return [
             base,
-            r1_zero,
+            *([r1_zero] if from_r1_zero else []),
             Step("cold_start", self._cold_start, {"run": run_of["cold_start"], "data": cfg.cold_start_data},
                  ("base", "r1_zero") if from_r1_zero else ("base",)),
             train_step("reasoning_rl", run_of["reasoning_rl"], inputs=("cold_start",), init_from="cold_start",
@@ -74,7 +74,7 @@ class R1Pipeline:
                        data_from="rejection_sampling", mesh_spec=mesh),
             train_step("final_rl", run_of["final_rl"], inputs=("sft",), init_from="sft", mesh_spec=mesh),
             *([train_step("r1_zero_long", run_of["r1_zero_long"], inputs=("base",), init_from=self.base_source,
-                          mesh_spec=mesh)] if from_r1_zero else []),
+                          mesh_spec=mesh)] if from_r1_zero else [r1_zero]),
         ]
 
     def _cold_start(self, stage_dir: str, inputs: Mapping[str, str]) -> None:
